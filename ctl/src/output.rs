@@ -1,0 +1,170 @@
+//! Renders results for people (tables, plain text) or for scripts (`--json`: the reply object).
+
+use lmsd_proto::{ChatOutcome, ContentSource, ModelList, Outcome, StatusReport};
+
+pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
+    if json {
+        println!("{}", serde_json::to_string(outcome).unwrap_or_default());
+        return;
+    }
+    match outcome {
+        Outcome::Status(status) => print_status(status),
+        Outcome::Models(list) => print_models(list),
+        Outcome::Load(load) if load.already_loaded => {
+            println!("{} is already loaded as {}", load.model, load.instance_id)
+        }
+        Outcome::Load(load) => println!(
+            "loaded {} as {} in {:.1}s",
+            load.model, load.instance_id, load.load_time_seconds
+        ),
+        Outcome::Unload(unload) if unload.unloaded.is_empty() => println!("nothing was loaded"),
+        Outcome::Unload(unload) => println!("unloaded {}", unload.unloaded.join(", ")),
+        Outcome::Chat(chat) => print_chat(chat, streamed),
+    }
+}
+
+/// `2.5 GB`: sizes as people read them (decimal, as LM Studio shows them).
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Prints rows as left-aligned columns under a header.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|col| {
+            rows.iter()
+                .map(|row| row[col].chars().count())
+                .chain([header[col].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_status(status: &StatusReport) {
+    let backend = &status.backend;
+    let state = if backend.reachable {
+        "reachable"
+    } else {
+        "UNREACHABLE"
+    };
+    println!(
+        "lmsd {} (pid {}, up {}s)",
+        status.daemon.version, status.daemon.pid, status.daemon.uptime_s
+    );
+    println!("LM Studio {} {state}", backend.url);
+    if backend.simulated {
+        println!("  SIMULATED backend: replies are fake (lmsd --simulate)");
+    }
+    if let Some(error) = &backend.last_error {
+        println!("  last error: {error}");
+    }
+    if status.instances.is_empty() {
+        println!("no instances loaded");
+        return;
+    }
+    let rows: Vec<Vec<String>> = status
+        .instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.instance_id.clone(),
+                i.model.clone(),
+                size(i.size_bytes),
+                i.context_length.to_string(),
+                i.parallel.map_or("-".into(), |p| p.to_string()),
+            ]
+        })
+        .collect();
+    table(&["INSTANCE", "MODEL", "SIZE", "CONTEXT", "PARALLEL"], &rows);
+    let total: u64 = status.instances.iter().map(|i| i.size_bytes).sum();
+    println!("memory in use: {}", size(total));
+}
+
+fn print_models(list: &ModelList) {
+    let rows: Vec<Vec<String>> = list
+        .models
+        .iter()
+        .map(|m| {
+            let mut caps = Vec::new();
+            if m.vision {
+                caps.push("vision");
+            }
+            if m.reasoning {
+                caps.push("reasoning");
+            }
+            if m.tool_use {
+                caps.push("tools");
+            }
+            vec![
+                m.key.clone(),
+                format!("{:?}", m.kind).to_lowercase(),
+                m.params_string.clone().unwrap_or_else(|| "-".into()),
+                size(m.size_bytes),
+                m.max_context_length.to_string(),
+                caps.join(","),
+                if m.loaded_instances.is_empty() {
+                    "-".into()
+                } else {
+                    m.loaded_instances.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "KEY",
+            "TYPE",
+            "PARAMS",
+            "SIZE",
+            "MAX CTX",
+            "CAPABILITIES",
+            "LOADED",
+        ],
+        &rows,
+    );
+}
+
+fn print_chat(chat: &ChatOutcome, streamed: bool) {
+    if streamed && chat.content_source == ContentSource::Message {
+        // The text was printed as it came; end its line.
+        println!();
+    } else {
+        println!("{}", chat.content);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size;
+
+    #[test]
+    fn sizes_read_like_lm_studio_shows_them() {
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(2_500_000_000), "2.5 GB");
+        assert_eq!(size(274_290_560), "274.3 MB");
+    }
+}

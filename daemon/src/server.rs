@@ -1,0 +1,234 @@
+//! The socket server: binds the unix socket safely, reads request lines, runs each request as
+//! its own task, and writes every reply on the connection it came from.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use lmsd_proto::codec::{write_line, Frame, LineReader, MAX_LINE};
+use lmsd_proto::{parse_request, Envelope, ErrorCode, Outcome, Reply, Request, WireError};
+use tokio::io::BufReader;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::tasks::{self, Context};
+
+/// Replies waiting to be written on one connection. A client that stops reading holds up only
+/// its own requests.
+const REPLY_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another lmsd is already serving on {0}; stop it first or choose another --socket")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot create the socket directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {path}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+}
+
+/// Binds the socket at `path`, in a 0700 directory (when lmsd creates it) with mode 0600. A stale
+/// socket left by a crashed daemon is replaced; a live one is not.
+pub fn bind(path: &Path) -> Result<Listener, BindError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| BindError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            return Err(BindError::NotASocket(path.to_owned()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BindError::InUse(path.to_owned()));
+        }
+        tracing::info!(socket = %path.display(), "replacing a stale socket");
+        std::fs::remove_file(path).map_err(|source| BindError::Listen {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    let listen_error = |source| BindError::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    let name = path.to_fs_name::<GenericFilePath>().map_err(listen_error)?;
+    ListenerOptions::new()
+        .name(name)
+        .mode(0o600)
+        .create_tokio()
+        .map_err(listen_error)
+}
+
+/// Accepts connections until `shutdown`, then lets open requests finish for up to `grace`.
+pub async fn serve(
+    listener: Listener,
+    ctx: Context,
+    max_connections: usize,
+    grace: Duration,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        // Waiting for a free slot before accepting leaves extra clients in the kernel's backlog
+        // instead of holding them open here without service.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            serve_connection(stream, ctx, shutdown).await;
+            drop(slot);
+        });
+    }
+    // Dropping the listener removes the socket file: new clients get "not running" at once.
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_s = grace.as_secs(),
+            "requests still running after the shutdown grace; stopping anyway"
+        );
+    }
+}
+
+async fn serve_connection(stream: Stream, ctx: Context, shutdown: CancellationToken) {
+    let (read, mut write) = tokio::io::split(stream);
+    let (replies, mut outbox) = mpsc::channel::<Reply>(REPLY_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(reply) = outbox.recv().await {
+            if let Err(error) = write_line(&mut write, &reply).await {
+                tracing::debug!(%error, "client went away before its reply");
+                break;
+            }
+        }
+    });
+    let mut lines = LineReader::new(BufReader::new(read));
+    let mut requests = JoinSet::new();
+    // Once stopping, new requests are refused with `shutting_down` until the accepted ones end.
+    let mut stopping = false;
+    loop {
+        let frame = tokio::select! {
+            frame = lines.next_frame() => frame,
+            _ = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                continue;
+            }
+            // Reap finished requests so a long-lived connection does not accumulate them.
+            _ = requests.join_next(), if !requests.is_empty() => continue,
+            _ = std::future::ready(()), if stopping && requests.is_empty() => break,
+        };
+        let line = match frame {
+            Ok(Some(Frame::Line(line))) => line,
+            Ok(Some(Frame::TooLong { len })) => {
+                let error = WireError::bad_request(format!(
+                    "request line of {len} bytes exceeds the limit of {MAX_LINE} bytes"
+                ));
+                if replies.send(Reply::error(None, error)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Ok(None) => break,
+            Err(error) => {
+                tracing::debug!(%error, "connection read failed");
+                break;
+            }
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match parse_request(&line) {
+            Err(rejection) => {
+                if replies.send(rejection.into_reply()).await.is_err() {
+                    break;
+                }
+            }
+            Ok(envelope) if stopping => {
+                let error = WireError::new(
+                    ErrorCode::ShuttingDown,
+                    "lmsd is shutting down and takes no new requests",
+                );
+                if replies
+                    .send(Reply::error(Some(envelope.id), error))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(envelope) => {
+                let ctx = ctx.clone();
+                let replies = replies.clone();
+                requests.spawn(async move {
+                    let reply = dispatch(&ctx, envelope, &replies).await;
+                    let _ = replies.send(reply).await;
+                });
+            }
+        }
+    }
+    // Requests already accepted still get their answer, even after the client stopped writing.
+    while requests.join_next().await.is_some() {}
+    drop(replies);
+    let _ = writer.await;
+}
+
+/// Runs one request to its terminal reply.
+async fn dispatch(ctx: &Context, envelope: Envelope, replies: &mpsc::Sender<Reply>) -> Reply {
+    let Envelope { id, request, .. } = envelope;
+    let outcome = match request {
+        Request::Status => Ok(Outcome::Status(tasks::status(ctx))),
+        Request::Models => tasks::models(ctx).await.map(Outcome::Models),
+        Request::Load(load) => tasks::load(ctx, load).await.map(Outcome::Load),
+        Request::Unload(unload) => tasks::unload(ctx, unload).await.map(Outcome::Unload),
+        Request::Chat(chat) => tasks::chat(ctx, chat, |event| {
+            let event = Reply::event(id.clone(), event);
+            async move {
+                let _ = replies.send(event).await;
+            }
+        })
+        .await
+        .map(Outcome::Chat),
+    };
+    match outcome {
+        Ok(outcome) => Reply::result(id, outcome),
+        Err(error) => {
+            let wire = error.to_wire();
+            if wire.code == ErrorCode::BackendUnreachable || wire.code == ErrorCode::BackendError {
+                tracing::warn!(request = %id, code = %wire.code, %error, "request failed");
+            }
+            Reply::error(Some(id), wire)
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Errors as they cross the wire: a stable snake_case code plus a message saying what to do.
+
+use serde::{Deserialize, Serialize};
+
+/// Stable error codes. Clients branch on these, never on message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request line was not valid JSON, too long, or missing or wrong fields.
+    BadRequest,
+    /// The request's `"v"` is not a protocol version this daemon speaks.
+    UnsupportedVersion,
+    /// LM Studio could not be reached (connection refused, reset, timed out).
+    BackendUnreachable,
+    /// LM Studio answered with an error that no other code describes.
+    BackendError,
+    /// The model key or instance id is not known to LM Studio.
+    ModelNotFound,
+    /// LM Studio could not load the model for lack of memory.
+    OutOfMemory,
+    /// The daemon is stopping and takes no new work.
+    ShuttingDown,
+    /// A bug in lmsd; the message says what happened.
+    Internal,
+    /// A code this client does not know yet (sent by a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::BackendUnreachable => "backend_unreachable",
+            ErrorCode::BackendError => "backend_error",
+            ErrorCode::ModelNotFound => "model_not_found",
+            ErrorCode::OutOfMemory => "out_of_memory",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `{"code": "...", "message": "..."}`: the error object of an error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_serialize_as_their_documented_names() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::BackendUnreachable,
+            ErrorCode::BackendError,
+            ErrorCode::ModelNotFound,
+            ErrorCode::OutOfMemory,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Internal,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn a_code_from_a_newer_daemon_reads_as_unknown() {
+        let code: ErrorCode = serde_json::from_str("\"queue_full\"").unwrap();
+        assert_eq!(code, ErrorCode::Unknown);
+    }
+}

@@ -1,0 +1,518 @@
+//! Request, reply and event types: one named payload struct per variant.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{ErrorCode, WireError};
+use crate::PROTOCOL_VERSION;
+
+/// A request line: `{"v":1, "id":"c1", "type":"chat", ...fields}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Envelope {
+    pub v: u32,
+    pub id: String,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// What a client asks of the daemon; the `type` field names the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Daemon, backend and loaded instances.
+    Status,
+    /// LM Studio's model catalogue.
+    Models,
+    /// Load an instance of a model.
+    Load(LoadRequest),
+    /// Unload every instance of a model key, or one instance.
+    Unload(UnloadRequest),
+    /// Run one chat turn.
+    Chat(ChatRequest),
+}
+
+/// `{"type":"load", "model":"qwen/qwen3-4b", "context_length":8192}`. The optional fields are
+/// LM Studio's load settings and are passed on as given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadRequest {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_batch_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flash_attention: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload_kv_cache_to_gpu: Option<bool>,
+}
+
+/// `{"type":"unload", "model":"qwen/qwen3-4b"}` unloads every instance of the key;
+/// `{"type":"unload", "instance_id":"qwen/qwen3-4b:2"}` unloads that one. Exactly one is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnloadRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+}
+
+/// One chat turn. `stream: true` sends `delta` events before the result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    /// A model key or a loaded instance id.
+    pub model: String,
+    pub input: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_response_id: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// A reply line. `id` echoes the request's id; it is `null` only when the request line was so
+/// broken that no id could be read from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: Option<String>,
+    #[serde(flatten)]
+    pub body: ReplyBody,
+}
+
+/// `type` of a reply: `result` and `error` are terminal (exactly one per request), `event`s come
+/// before them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReplyBody {
+    Result(Outcome),
+    Event(Event),
+    Error { error: WireError },
+}
+
+impl Reply {
+    pub fn result(id: String, outcome: Outcome) -> Self {
+        Reply {
+            id: Some(id),
+            body: ReplyBody::Result(outcome),
+        }
+    }
+
+    pub fn event(id: String, event: Event) -> Self {
+        Reply {
+            id: Some(id),
+            body: ReplyBody::Event(event),
+        }
+    }
+
+    pub fn error(id: Option<String>, error: WireError) -> Self {
+        Reply {
+            id,
+            body: ReplyBody::Error { error },
+        }
+    }
+
+    /// True for the one reply that ends a request.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self.body, ReplyBody::Event(_))
+    }
+}
+
+/// The payload of a `result` reply; `kind` names the request it answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    Status(StatusReport),
+    Models(ModelList),
+    Load(LoadOutcome),
+    Unload(UnloadOutcome),
+    Chat(ChatOutcome),
+}
+
+/// Streamed progress of a request; `event` names the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The backend is loading the model for this request; `progress` runs 0..1.
+    Load {
+        model_instance_id: String,
+        progress: f64,
+    },
+    /// A piece of reasoning text.
+    Reasoning { content: String },
+    /// A piece of the answer.
+    Delta { content: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub daemon: DaemonInfo,
+    pub backend: BackendStatus,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub uptime_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub url: String,
+    pub reachable: bool,
+    /// True when lmsd runs against its embedded simulator (`lmsd --simulate`): replies are fake.
+    pub simulated: bool,
+    /// Why the last contact failed, while `reachable` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Milliseconds since the catalogue was last read successfully, if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_ms_ago: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub instance_id: String,
+    pub model: String,
+    pub size_bytes: u64,
+    pub context_length: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<ModelInfo>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Llm,
+    Embedding,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub key: String,
+    #[serde(rename = "type")]
+    pub kind: ModelKind,
+    pub display_name: String,
+    pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params_string: Option<String>,
+    pub max_context_length: u32,
+    pub vision: bool,
+    pub reasoning: bool,
+    pub tool_use: bool,
+    /// Ids of the loaded instances of this model, empty when it is not loaded.
+    pub loaded_instances: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadOutcome {
+    pub model: String,
+    pub instance_id: String,
+    pub load_time_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
+    /// True when an instance was already loaded and no load was made.
+    #[serde(default)]
+    pub already_loaded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnloadOutcome {
+    /// The instance ids that were unloaded (and verified gone).
+    pub unloaded: Vec<String>,
+    /// Rounds of unload-then-verify it took.
+    pub rounds: u32,
+}
+
+/// Where `content` came from: the message, or the reasoning when the message was empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentSource {
+    Message,
+    Reasoning,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatOutcome {
+    pub content: String,
+    pub content_source: ContentSource,
+    pub model_instance_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
+    pub usage: Usage,
+    /// Wall time of the whole task inside lmsd, in milliseconds.
+    pub total_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub total_output_tokens: u64,
+    pub reasoning_output_tokens: u64,
+    /// Set when this request made the backend load the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_load_time_seconds: Option<f64>,
+}
+
+/// A request line that could not be accepted: the error reply to send, with the id if one was
+/// readable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub id: Option<String>,
+    pub error: WireError,
+}
+
+impl Rejection {
+    pub fn into_reply(self) -> Reply {
+        Reply::error(self.id, self.error)
+    }
+}
+
+/// Parses one request line. Checks, in order: JSON object, `id`, `v`, then the request itself,
+/// so that even a request of an unknown type is answered under its own id.
+pub fn parse_request(line: &[u8]) -> Result<Envelope, Rejection> {
+    let reject = |id: Option<String>, error: WireError| Rejection { id, error };
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|e| reject(None, WireError::bad_request(format!("invalid JSON: {e}"))))?;
+    let Value::Object(mut object) = value else {
+        return Err(reject(
+            None,
+            WireError::bad_request("a request must be a JSON object"),
+        ));
+    };
+    let id = match object.remove("id") {
+        Some(Value::String(id)) => id,
+        Some(_) => {
+            return Err(reject(
+                None,
+                WireError::bad_request("\"id\" must be a string"),
+            ))
+        }
+        None => return Err(reject(None, WireError::bad_request("missing \"id\""))),
+    };
+    let id = Some(id);
+    match object.remove("v") {
+        Some(Value::Number(v)) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
+        Some(other) => {
+            return Err(reject(
+                id,
+                WireError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "protocol version {other} is not supported; this lmsd speaks version {PROTOCOL_VERSION}"
+                    ),
+                ),
+            ))
+        }
+        None => {
+            return Err(reject(
+                id,
+                WireError::bad_request(format!(
+                    "missing \"v\" (the protocol version, {PROTOCOL_VERSION})"
+                )),
+            ))
+        }
+    }
+    let request = request_from_object(object).map_err(|e| reject(id.clone(), e))?;
+    Ok(Envelope {
+        v: PROTOCOL_VERSION,
+        id: id.unwrap_or_default(),
+        request,
+    })
+}
+
+fn request_from_object(object: Map<String, Value>) -> Result<Request, WireError> {
+    if !object.contains_key("type") {
+        return Err(WireError::bad_request("missing \"type\""));
+    }
+    let request: Request = serde_json::from_value(Value::Object(object))
+        .map_err(|e| WireError::bad_request(format!("invalid request: {e}")))?;
+    request.validate()?;
+    Ok(request)
+}
+
+impl Request {
+    /// Checks what serde cannot: non-empty names, exactly one unload target.
+    fn validate(&self) -> Result<(), WireError> {
+        let non_empty = |field: &str, value: &str| {
+            if value.trim().is_empty() {
+                Err(WireError::bad_request(format!(
+                    "\"{field}\" must not be empty"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Request::Status | Request::Models => Ok(()),
+            Request::Load(load) => non_empty("model", &load.model),
+            Request::Unload(unload) => match (&unload.model, &unload.instance_id) {
+                (Some(model), None) => non_empty("model", model),
+                (None, Some(instance)) => non_empty("instance_id", instance),
+                _ => Err(WireError::bad_request(
+                    "unload takes exactly one of \"model\" or \"instance_id\"",
+                )),
+            },
+            Request::Chat(chat) => {
+                non_empty("model", &chat.model)?;
+                if let Some(t) = chat.temperature {
+                    if !(0.0..=2.0).contains(&t) {
+                        return Err(WireError::bad_request(format!(
+                            "\"temperature\" must be between 0 and 2, got {t}"
+                        )));
+                    }
+                }
+                match &chat.previous_response_id {
+                    Some(prev) if !prev.starts_with("resp_") => Err(WireError::bad_request(
+                        "\"previous_response_id\" must start with \"resp_\"",
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Envelope, Rejection> {
+        parse_request(line.as_bytes())
+    }
+
+    #[test]
+    fn documented_request_examples_parse() {
+        let status = parse(r#"{"v":1,"id":"s1","type":"status"}"#).unwrap();
+        assert_eq!(status.id, "s1");
+        assert_eq!(status.request, Request::Status);
+
+        let chat = parse(
+            r#"{"v":1,"id":"c1","type":"chat","model":"qwen/qwen3-4b","input":"Summarise: ...","temperature":0.2,"max_output_tokens":200,"stream":true}"#,
+        )
+        .unwrap();
+        let Request::Chat(chat) = chat.request else {
+            panic!("not a chat")
+        };
+        assert_eq!(chat.model, "qwen/qwen3-4b");
+        assert!(chat.stream);
+        assert_eq!(chat.max_output_tokens, Some(200));
+
+        let unload =
+            parse(r#"{"v":1,"id":"u1","type":"unload","instance_id":"qwen/qwen3-4b:2"}"#).unwrap();
+        assert_eq!(
+            unload.request,
+            Request::Unload(UnloadRequest {
+                model: None,
+                instance_id: Some("qwen/qwen3-4b:2".into())
+            })
+        );
+    }
+
+    #[test]
+    fn envelope_serializes_to_a_parseable_line() {
+        let envelope = Envelope {
+            v: PROTOCOL_VERSION,
+            id: "x".into(),
+            request: Request::Load(LoadRequest {
+                model: "m".into(),
+                context_length: Some(4096),
+                ..Default::default()
+            }),
+        };
+        let line = serde_json::to_vec(&envelope).unwrap();
+        assert_eq!(parse_request(&line).unwrap(), envelope);
+    }
+
+    #[test]
+    fn rejections_carry_the_id_when_readable() {
+        let r = parse(r#"{"v":2,"id":"a","type":"status"}"#).unwrap_err();
+        assert_eq!(r.id.as_deref(), Some("a"));
+        assert_eq!(r.error.code, ErrorCode::UnsupportedVersion);
+
+        let r = parse(r#"{"v":1,"id":"b","type":"frobnicate"}"#).unwrap_err();
+        assert_eq!(r.id.as_deref(), Some("b"));
+        assert_eq!(r.error.code, ErrorCode::BadRequest);
+
+        let r = parse(r#"{"v":1,"id":"c","type":"chat","model":"m","input":"x","max_tokens":5}"#)
+            .unwrap_err();
+        assert!(
+            r.error.message.contains("max_tokens"),
+            "{}",
+            r.error.message
+        );
+
+        let r = parse(r#"{"v":1,"id":"d","type":"unload"}"#).unwrap_err();
+        assert!(r.error.message.contains("exactly one"));
+
+        let r = parse("{not json").unwrap_err();
+        assert_eq!(r.id, None);
+        assert_eq!(r.error.code, ErrorCode::BadRequest);
+
+        let r = parse_request(b"{\"v\":1,\"id\":\"\xff\"}").unwrap_err();
+        assert_eq!(r.error.code, ErrorCode::BadRequest);
+
+        let r = parse(r#"[1,2]"#).unwrap_err();
+        assert!(r.error.message.contains("object"));
+    }
+
+    #[test]
+    fn replies_round_trip_with_their_documented_shape() {
+        let reply = Reply::result(
+            "c1".into(),
+            Outcome::Chat(ChatOutcome {
+                content: "hi".into(),
+                content_source: ContentSource::Message,
+                model_instance_id: "m".into(),
+                response_id: Some("resp_1".into()),
+                usage: Usage {
+                    input_tokens: 3,
+                    total_output_tokens: 1,
+                    reasoning_output_tokens: 0,
+                    model_load_time_seconds: None,
+                },
+                total_ms: 7,
+            }),
+        );
+        let json: Value = serde_json::to_value(&reply).unwrap();
+        assert_eq!(json["type"], "result");
+        assert_eq!(json["kind"], "chat");
+        assert_eq!(json["content_source"], "message");
+        assert_eq!(serde_json::from_value::<Reply>(json).unwrap(), reply);
+
+        let golden = r#"{"id":"c1","type":"event","event":"delta","content":"Hel"}"#;
+        let event: Reply = serde_json::from_str(golden).unwrap();
+        assert_eq!(
+            event,
+            Reply::event(
+                "c1".into(),
+                Event::Delta {
+                    content: "Hel".into()
+                }
+            )
+        );
+        assert!(!event.is_terminal());
+
+        let golden =
+            r#"{"id":null,"type":"error","error":{"code":"bad_request","message":"invalid JSON"}}"#;
+        let error: Reply = serde_json::from_str(golden).unwrap();
+        assert!(error.is_terminal());
+        assert_eq!(serde_json::to_string(&error).unwrap(), golden);
+    }
+}
