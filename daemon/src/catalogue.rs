@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::lmstudio::{LmStudio, Model};
+use crate::lmstudio::{BackendError, LmStudio, Model};
 
 /// What lmsd last learned from LM Studio.
 #[derive(Debug, Clone, Default)]
@@ -18,7 +18,7 @@ pub struct CatalogueView {
     /// Whether the last read succeeded.
     pub reachable: bool,
     /// Why the last read failed, while `reachable` is false.
-    pub last_error: Option<String>,
+    pub last_error: Option<BackendError>,
     /// When the last successful read finished.
     pub refreshed_at: Option<Instant>,
 }
@@ -101,12 +101,12 @@ async fn run(
                 view.refreshed_at = Some(Instant::now());
             }
             Err(error) => {
-                let message = error.to_string();
-                if view.reachable || view.last_error.as_deref() != Some(message.as_str()) {
+                let unchanged = view.last_error.as_ref().map(ToString::to_string) == Some(error.to_string());
+                if view.reachable || !unchanged {
                     tracing::warn!(url = lmstudio.url(), %error, "cannot read LM Studio's models; will keep trying");
                 }
                 view.reachable = false;
-                view.last_error = Some(message);
+                view.last_error = Some(error);
             }
         });
         for done in waiting {

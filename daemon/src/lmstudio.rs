@@ -235,7 +235,7 @@ pub enum StreamEvent {
 // Errors
 
 /// A failed call to LM Studio, classified for retry and for the wire.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("LM Studio at {url} is unreachable: {detail}")]
     Unreachable { url: String, detail: String },

@@ -74,13 +74,13 @@ impl Context {
     /// A fresh catalogue, or the reason LM Studio could not be read.
     async fn fresh_models(&self) -> Result<CatalogueView, TaskError> {
         let view = self.catalogue.refresh().await;
-        if view.reachable {
-            Ok(view)
-        } else {
-            Err(TaskError::Backend(BackendError::Unreachable {
+        match (&view.last_error, view.reachable) {
+            (_, true) => Ok(view),
+            (Some(error), false) => Err(TaskError::Backend(error.clone())),
+            (None, false) => Err(TaskError::Backend(BackendError::Unreachable {
                 url: self.lmstudio.url().to_owned(),
-                detail: view.last_error.unwrap_or_else(|| "no answer yet".into()),
-            }))
+                detail: "lmsd is stopping".into(),
+            })),
         }
     }
 }
@@ -114,7 +114,7 @@ pub fn status(ctx: &Context) -> StatusReport {
             url: ctx.lmstudio.url().to_owned(),
             reachable: view.reachable,
             simulated: ctx.simulated,
-            last_error: view.last_error,
+            last_error: view.last_error.map(|e| e.to_string()),
             refreshed_ms_ago: view
                 .refreshed_at
                 .map(|at| at.elapsed().as_millis().try_into().unwrap_or(u64::MAX)),

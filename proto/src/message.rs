@@ -306,33 +306,27 @@ pub fn parse_request(line: &[u8]) -> Result<Envelope, Rejection> {
         }
         None => return Err(reject(None, WireError::bad_request("missing \"id\""))),
     };
-    let id = Some(id);
+    let reject_for = |error: WireError| reject(Some(id.clone()), error);
     match object.remove("v") {
         Some(Value::Number(v)) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
         Some(other) => {
-            return Err(reject(
-                id,
-                WireError::new(
+            return Err(reject_for(WireError::new(
                     ErrorCode::UnsupportedVersion,
-                    format!(
-                        "protocol version {other} is not supported; this lmsd speaks version {PROTOCOL_VERSION}"
-                    ),
+                format!(
+                    "protocol version {other} is not supported; this lmsd speaks version {PROTOCOL_VERSION}"
                 ),
-            ))
+            )))
         }
         None => {
-            return Err(reject(
-                id,
-                WireError::bad_request(format!(
-                    "missing \"v\" (the protocol version, {PROTOCOL_VERSION})"
-                )),
-            ))
+            return Err(reject_for(WireError::bad_request(format!(
+                "missing \"v\" (the protocol version, {PROTOCOL_VERSION})"
+            ))))
         }
     }
-    let request = request_from_object(object).map_err(|e| reject(id.clone(), e))?;
+    let request = request_from_object(object).map_err(reject_for)?;
     Ok(Envelope {
         v: PROTOCOL_VERSION,
-        id: id.unwrap_or_default(),
+        id,
         request,
     })
 }

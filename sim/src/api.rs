@@ -1,4 +1,6 @@
 //! The HTTP face of the simulator: LM Studio's v1 routes, its JSON shapes and its quirks.
+// Helpers return `Err(Response)` to end a handler early; a large Err is fine in a test tool.
+#![allow(clippy::result_large_err)]
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -49,6 +51,9 @@ async fn guard(
     let (token, fault) = {
         let mut state = shared.lock();
         let token = state.config.auth_token.clone();
+        if route == Route::Chat {
+            state.stats.chat_requests += 1;
+        }
         (token, take_fault(&mut state.faults, route))
     };
     if let Some(token) = token {

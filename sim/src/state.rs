@@ -85,7 +85,10 @@ pub struct SimStats {
     pub loads: u64,
     pub jit_loads: u64,
     pub unloads: u64,
+    /// Chats completed.
     pub chats: u64,
+    /// Chat requests received, counted before any injected fault or delay.
+    pub chat_requests: u64,
 }
 
 pub(crate) const DEFAULT_CONTEXT_LENGTH: u32 = 4096;

@@ -1,0 +1,241 @@
+//! The test fixture: a real `lmsd` process on a temp socket, a simulator in the test process, and
+//! helpers to talk to the daemon through `lmsd-ctl` or raw socket lines.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use lmsd_proto::{Client, Outcome, Request, StatusReport};
+use lmstudio_sim::{SimConfig, Simulator};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a test waits for something that should happen in milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+pub fn lmsd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lmsd"))
+}
+
+/// `lmsd-ctl` sits beside `lmsd` in the target directory; `cargo test --workspace` builds both.
+pub fn ctl_bin() -> PathBuf {
+    let path = lmsd_bin().with_file_name("lmsd-ctl");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+pub async fn start_sim(config: SimConfig) -> Simulator {
+    Simulator::start(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .expect("simulator starts")
+}
+
+/// A free loopback port, for a backend that is not there yet.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub struct TestDaemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: TempDir,
+}
+
+impl TestDaemon {
+    /// Starts `lmsd` against `url` with a fast poll interval and waits until it answers.
+    pub async fn start(url: &str) -> TestDaemon {
+        Self::start_with(url, "", &[]).await
+    }
+
+    /// As `start`, with extra `[lmstudio]` config lines and environment variables.
+    pub async fn start_with(url: &str, lmstudio_extra: &str, env: &[(&str, &str)]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("run/lmsd.sock");
+        let config = dir.path().join("lmsd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nsocket = {socket:?}\nshutdown_grace = \"5s\"\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{lmstudio_extra}\n"
+            ),
+        )
+        .expect("write config");
+        let child = Command::new(lmsd_bin())
+            .arg("--config")
+            .arg(&config)
+            .envs(env.iter().copied())
+            .env_remove("LMSD_SOCKET")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("lmsd starts");
+        let daemon = TestDaemon { child, socket, dir };
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    /// Waits until the socket answers a status request (readiness, not a sleep).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut client) = Client::connect(&self.socket).await {
+                if client.call(Request::Status, |_| {}).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "lmsd did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connects")
+    }
+
+    pub async fn status(&self) -> StatusReport {
+        match self.client().await.call(Request::Status, |_| {}).await {
+            Ok(Outcome::Status(status)) => status,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+
+    /// Polls status until `check` holds.
+    pub async fn wait_for_status(
+        &self,
+        what: &str,
+        check: impl Fn(&StatusReport) -> bool,
+    ) -> StatusReport {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let status = self.status().await;
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs `lmsd-ctl --socket SOCK ARGS…`.
+    pub async fn ctl(&self, args: &[&str]) -> CtlOutput {
+        run_ctl(&self.socket, args, None).await
+    }
+
+    pub async fn ctl_with_stdin(&self, args: &[&str], stdin: &str) -> CtlOutput {
+        run_ctl(&self.socket, args, Some(stdin)).await
+    }
+
+    /// `lmsd-ctl --json ARGS…`, which must succeed; returns the parsed result.
+    pub async fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all).await;
+        assert_eq!(out.code, 0, "lmsd-ctl {args:?} failed: {}", out.stderr);
+        serde_json::from_str(out.stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("lmsd-ctl {args:?} printed no JSON ({e}): {}", out.stdout))
+    }
+
+    /// Sends raw lines on one connection and reads `replies` reply lines.
+    pub async fn raw(&self, payload: &[u8], replies: usize) -> Vec<Value> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .expect("connects");
+        let (read, mut write) = stream.into_split();
+        write.write_all(payload).await.expect("writes");
+        let mut lines = BufReader::new(read).lines();
+        let mut out = Vec::new();
+        for _ in 0..replies {
+            let line = tokio::time::timeout(PATIENCE, lines.next_line())
+                .await
+                .expect("a reply in time")
+                .expect("reads")
+                .expect("a reply line before the connection closed");
+            out.push(serde_json::from_str(&line).expect("replies are JSON"));
+        }
+        out
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub async fn terminate(mut self) -> Option<i32> {
+        let pid = self.child.id().expect("running");
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("lmsd exits in time")
+            .expect("waits");
+        status.code()
+    }
+}
+
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub async fn run_ctl(socket: &Path, args: &[&str], stdin: Option<&str>) -> CtlOutput {
+    let mut child = Command::new(ctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("lmsd-ctl starts");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(text.as_bytes()).await.expect("writes stdin");
+    }
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("lmsd-ctl finishes in time")
+        .expect("lmsd-ctl runs");
+    CtlOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Loads a model from outside lmsd, as LM Studio's GUI or `lms load` would.
+pub async fn load_outside(sim: &Simulator, key: &str) -> String {
+    let reply: Value = reqwest::Client::new()
+        .post(format!("{}/api/v1/models/load", sim.url()))
+        .json(&serde_json::json!({ "model": key }))
+        .send()
+        .await
+        .expect("sim answers")
+        .json()
+        .await
+        .expect("sim answers JSON");
+    reply["instance_id"]
+        .as_str()
+        .expect("an instance id")
+        .to_owned()
+}
