@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
     after_help = "Without LM Studio, `lmsd --simulate` runs against a built-in simulator (fake replies)."
 )]
 struct Args {
-    /// TOML config file (every key optional; unknown keys are errors).
+    /// TOML config file (every key optional; unknown keys are errors)
+    /// [default: $XDG_CONFIG_HOME/lmsd/lmsd.toml, if it exists].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Unix socket to serve [default: $XDG_RUNTIME_DIR/lmsd/lmsd.sock].
@@ -50,7 +51,11 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
 fn main() -> ExitCode {
     let args = Args::parse();
     let _log_guard = init_logging();
-    let mut config = match &args.config {
+    let config_path = args
+        .config
+        .clone()
+        .or_else(|| lmsd_proto::paths::default_config_path().filter(|p| p.exists()));
+    let mut config = match &config_path {
         Some(path) => match Config::load(path) {
             Ok(config) => config,
             Err(error) => {

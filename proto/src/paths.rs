@@ -15,3 +15,13 @@ pub fn runtime_dir() -> PathBuf {
         _ => std::env::temp_dir().join(format!("lmsd-{}", rustix::process::getuid().as_raw())),
     }
 }
+
+/// `$XDG_CONFIG_HOME/lmsd/lmsd.toml`, else `~/.config/lmsd/lmsd.toml`: read when it exists and no
+/// `--config` is given.
+pub fn default_config_path() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(std::env::var_os("HOME")?).join(".config"),
+    };
+    Some(base.join("lmsd").join("lmsd.toml"))
+}
