@@ -45,6 +45,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until an lmsd on `socket` answers a status request (readiness, not a sleep).
+pub async fn wait_until_serving(socket: &Path) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(mut client) = Client::connect(socket).await {
+            if client.call(Request::Status, |_| {}).await.is_ok() {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lmsd did not start serving on {}",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub struct TestDaemon {
     pub child: Child,
     pub socket: PathBuf,
@@ -86,21 +104,8 @@ impl TestDaemon {
         daemon
     }
 
-    /// Waits until the socket answers a status request (readiness, not a sleep).
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Ok(mut client) = Client::connect(&self.socket).await {
-                if client.call(Request::Status, |_| {}).await.is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "lmsd did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_serving(&self.socket).await;
     }
 
     pub async fn client(&self) -> Client {
