@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use lmsd_proto::{
-    ChatRequest, Client, ClientError, ErrorCode, Event, LoadRequest, Request, UnloadRequest,
+    ChatRequest, Client, ClientError, ErrorCode, Event, LoadRequest, PinRequest, Request, Ttl,
+    UnloadRequest,
 };
 
 const EXIT_CODES: &str = "\
@@ -21,8 +22,9 @@ Exit codes:
   5  LM Studio is unreachable (backend_unreachable)
   6  LM Studio answered with an error (backend_error)
   7  no such model or instance (model_not_found)
-  8  not enough memory to load the model (out_of_memory)
-  9  lmsd is shutting down (shutting_down)";
+  8  LM Studio ran out of memory loading the model (out_of_memory)
+  9  lmsd is shutting down (shutting_down)
+ 10  the model does not fit in lmsd's memory budget (budget_exceeded)";
 
 /// Command line for lmsd, the LM Studio lifecycle daemon.
 #[derive(Debug, Parser)]
@@ -58,6 +60,22 @@ enum Command {
         num_experts: Option<u32>,
         #[arg(long)]
         offload_kv_cache_to_gpu: Option<bool>,
+        /// Idle TTL: a duration ("90s", "15m"), "0" (unload when idle) or "never".
+        #[arg(long)]
+        ttl: Option<Ttl>,
+        /// Pin the model too: keep it loaded always.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// Keep a model loaded always: loaded now if needed, reloaded if anything unloads it.
+    Pin {
+        /// Model key.
+        key: String,
+    },
+    /// Let a pinned model expire and be evicted again.
+    Unpin {
+        /// Model key.
+        key: String,
     },
     /// Unload every instance of a model key (or one instance id), and verify they are gone.
     Unload {
@@ -86,6 +104,9 @@ enum Command {
         /// Print the answer as it is generated.
         #[arg(long)]
         stream: bool,
+        /// Idle TTL of the instance after this task: "90s", "15m", "0" or "never".
+        #[arg(long)]
+        ttl: Option<Ttl>,
     },
 }
 
@@ -101,6 +122,8 @@ impl Command {
                 flash_attention,
                 num_experts,
                 offload_kv_cache_to_gpu,
+                ttl,
+                pin,
             } => Request::Load(LoadRequest {
                 model: key,
                 context_length,
@@ -108,7 +131,11 @@ impl Command {
                 flash_attention,
                 num_experts,
                 offload_kv_cache_to_gpu,
+                ttl,
+                pin,
             }),
+            Command::Pin { key } => Request::Pin(PinRequest { model: key }),
+            Command::Unpin { key } => Request::Unpin(PinRequest { model: key }),
             Command::Unload { key, instance } => Request::Unload(if instance {
                 UnloadRequest {
                     model: None,
@@ -128,6 +155,7 @@ impl Command {
                 previous_response_id,
                 system,
                 stream,
+                ttl,
             } => {
                 let input = if task == "-" {
                     std::io::read_to_string(std::io::stdin())?
@@ -142,6 +170,7 @@ impl Command {
                     max_output_tokens,
                     previous_response_id,
                     stream,
+                    ttl,
                 })
             }
         })
@@ -159,6 +188,7 @@ fn exit_code(error: &ClientError) -> u8 {
             ErrorCode::ModelNotFound => 7,
             ErrorCode::OutOfMemory => 8,
             ErrorCode::ShuttingDown => 9,
+            ErrorCode::BudgetExceeded => 10,
             ErrorCode::Internal | ErrorCode::Unknown => 1,
         },
     }

@@ -1,6 +1,8 @@
 //! Renders results for people (tables, plain text) or for scripts (`--json`: the reply object).
 
-use lmsd_proto::{ChatOutcome, ContentSource, ModelList, Outcome, StatusReport};
+use lmsd_proto::{
+    ChatOutcome, ContentSource, InstanceState, LoadedBy, ModelList, Outcome, StatusReport,
+};
 
 pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
     if json {
@@ -20,6 +22,8 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
         Outcome::Unload(unload) if unload.unloaded.is_empty() => println!("nothing was loaded"),
         Outcome::Unload(unload) => println!("unloaded {}", unload.unloaded.join(", ")),
         Outcome::Chat(chat) => print_chat(chat, streamed),
+        Outcome::Pin(pin) if pin.pinned => println!("{} is pinned", pin.model),
+        Outcome::Pin(pin) => println!("{} is no longer pinned", pin.model),
     }
 }
 
@@ -82,26 +86,79 @@ fn print_status(status: &StatusReport) {
     if let Some(error) = &backend.last_error {
         println!("  last error: {error}");
     }
+    let memory = &status.memory;
+    println!(
+        "memory budget {}: {} used, {} free",
+        size(memory.budget_bytes),
+        size(memory.used_bytes),
+        size(memory.free_bytes)
+    );
     if status.instances.is_empty() {
         println!("no instances loaded");
-        return;
+    } else {
+        let rows: Vec<Vec<String>> = status
+            .instances
+            .iter()
+            .map(|i| {
+                let state = match i.state {
+                    InstanceState::Loading => "loading",
+                    InstanceState::Idle => "idle",
+                    InstanceState::Busy => "busy",
+                    InstanceState::Unloading => "unloading",
+                };
+                vec![
+                    if i.instance_id.is_empty() {
+                        "-".into()
+                    } else {
+                        i.instance_id.clone()
+                    },
+                    i.model.clone(),
+                    state.into(),
+                    format!(
+                        "{}/{}",
+                        i.in_flight,
+                        i.parallel.map_or("-".into(), |p| p.to_string())
+                    ),
+                    size(i.size_bytes),
+                    i.context_length.to_string(),
+                    duration(i.idle_s),
+                    i.ttl_left_s.map_or_else(|| "-".into(), duration),
+                    if i.pinned { "yes".into() } else { "".into() },
+                    match i.loaded_by {
+                        LoadedBy::Lmsd => "lmsd".into(),
+                        LoadedBy::Outside => "outside".into(),
+                    },
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "INSTANCE", "MODEL", "STATE", "TASKS", "SIZE", "CONTEXT", "IDLE", "TTL LEFT",
+                "PINNED", "BY",
+            ],
+            &rows,
+        );
     }
-    let rows: Vec<Vec<String>> = status
-        .instances
-        .iter()
-        .map(|i| {
-            vec![
-                i.instance_id.clone(),
-                i.model.clone(),
-                size(i.size_bytes),
-                i.context_length.to_string(),
-                i.parallel.map_or("-".into(), |p| p.to_string()),
-            ]
-        })
-        .collect();
-    table(&["INSTANCE", "MODEL", "SIZE", "CONTEXT", "PARALLEL"], &rows);
-    let total: u64 = status.instances.iter().map(|i| i.size_bytes).sum();
-    println!("memory in use: {}", size(total));
+    if !status.evictions.is_empty() {
+        println!("recent evictions:");
+        for eviction in &status.evictions {
+            println!(
+                "  {} ago  {} ({})",
+                duration(eviction.seconds_ago),
+                eviction.instance_id,
+                eviction.reason
+            );
+        }
+    }
+}
+
+/// `1h05m`, `4m10s`, `42s`.
+fn duration(seconds: u64) -> String {
+    match seconds {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
 }
 
 fn print_models(list: &ModelList) {
@@ -160,6 +217,13 @@ fn print_chat(chat: &ChatOutcome, streamed: bool) {
 #[cfg(test)]
 mod tests {
     use super::size;
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(super::duration(42), "42s");
+        assert_eq!(super::duration(250), "4m10s");
+        assert_eq!(super::duration(3900), "1h05m");
+    }
 
     #[test]
     fn sizes_read_like_lm_studio_shows_them() {

@@ -1,9 +1,13 @@
 //! The daemon's configuration: TOML structs with defaults, strict about unknown keys.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use lmsd_proto::Ttl;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Environment variable that overrides the LM Studio API token.
 pub const TOKEN_ENV: &str = "LMSD_LMSTUDIO_TOKEN";
@@ -15,7 +19,172 @@ pub const DEFAULT_TOKEN: &str = "lmstudio";
 pub struct Config {
     pub server: ServerConfig,
     pub lmstudio: LmStudioConfig,
+    pub pool: PoolConfig,
+    /// Per-model settings, keyed by model key: `[models."qwen/qwen3-4b"]`.
+    pub models: BTreeMap<String, ModelConfig>,
+    pub tasks: TasksConfig,
 }
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// `"75%"` of physical memory, or a size such as `"24GiB"`.
+    pub memory_budget: MemoryBudget,
+    /// Idle TTL of instances lmsd loads: `"15m"`, `"0"` (unload when idle) or `"never"`.
+    pub idle_ttl: Ttl,
+    /// Memory counted per instance on top of its file size (KV cache, runtime).
+    pub instance_overhead: ByteCount,
+    /// May lmsd evict and expire instances loaded outside it (LM Studio's GUI, `lms load`)?
+    pub manage_external: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            memory_budget: MemoryBudget::Percent(75.0),
+            idle_ttl: Ttl::After(Duration::from_secs(15 * 60)),
+            instance_overhead: ByteCount(0),
+            manage_external: false,
+        }
+    }
+}
+
+/// `[models."KEY"]`: how lmsd treats one model. The load settings are sent on every load.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Always resident: loaded at start, reloaded after an outside unload or a backend restart,
+    /// never evicted or expired.
+    pub pinned: bool,
+    /// Loaded at start, but may be evicted and expire like any other.
+    pub preload: bool,
+    pub ttl: Option<Ttl>,
+    pub context_length: Option<u32>,
+    pub eval_batch_size: Option<u32>,
+    pub flash_attention: Option<bool>,
+    pub num_experts: Option<u32>,
+    pub offload_kv_cache_to_gpu: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    /// Longest a task waits for memory that busy instances hold before `budget_exceeded`.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            max_wait: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A byte count written with a unit: `"512MiB"`, `"24GiB"`, `"8 GB"`, or `"0"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCount(pub u64);
+
+impl FromStr for ByteCount {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|size| ByteCount(size.as_u64()))
+            .map_err(|_| format!("invalid size {text:?}: use a number with a unit, such as \"512MiB\" or \"24GiB\""))
+    }
+}
+
+impl fmt::Display for ByteCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+    }
+}
+
+/// The pool's memory budget, as configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryBudget {
+    /// A share of physical memory.
+    Percent(f64),
+    Bytes(ByteCount),
+}
+
+impl FromStr for MemoryBudget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().strip_suffix('%') {
+            Some(number) => match number.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(MemoryBudget::Percent(p)),
+                _ => Err(format!(
+                    "invalid memory budget {text:?}: a percentage must be in (0, 100]"
+                )),
+            },
+            None => text.parse().map(MemoryBudget::Bytes),
+        }
+    }
+}
+
+impl fmt::Display for MemoryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemoryBudget::Percent(p) => write!(f, "{p}%"),
+            MemoryBudget::Bytes(bytes) => bytes.fmt(f),
+        }
+    }
+}
+
+impl MemoryBudget {
+    /// The budget in bytes, given the machine's physical memory.
+    pub fn resolve(self, physical: Option<u64>) -> Result<u64, ConfigError> {
+        match self {
+            MemoryBudget::Bytes(ByteCount(bytes)) => Ok(bytes),
+            MemoryBudget::Percent(p) => physical
+                .map(|total| (total as f64 * p / 100.0) as u64)
+                .ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "[pool] memory_budget: cannot read this machine's memory size; give a size such as \"24GiB\"".into(),
+                    )
+                }),
+        }
+    }
+}
+
+/// Physical memory of this machine, if the OS tells.
+pub fn physical_memory() -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let info = rustix::system::sysinfo();
+        Some(info.totalram * u64::from(info.mem_unit))
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let out = std::process::Command::new("sysctl")
+            .args(["-n", "hw.memsize"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+}
+
+/// Serde through `FromStr` and `Display`, for the string-valued config types.
+macro_rules! serde_via_str {
+    ($($ty:ty),*) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+serde_via_str!(ByteCount, MemoryBudget);
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -157,6 +326,11 @@ impl Config {
                 )));
             }
         }
+        if self.tasks.max_wait.is_zero() {
+            return Err(ConfigError::Invalid(
+                "[tasks] max_wait must be more than 0".into(),
+            ));
+        }
         if self.server.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "[server] max_connections must be at least 1".into(),
@@ -239,6 +413,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("poll_interval"), "{err}");
+    }
+
+    #[test]
+    fn pool_and_model_settings() {
+        let config = Config::parse(
+            "[pool]\nmemory_budget = \"6GiB\"\nidle_ttl = \"never\"\ninstance_overhead = \"512MiB\"\n\n[models.\"qwen/qwen3-4b\"]\npinned = true\nttl = \"0\"\ncontext_length = 8192\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.pool.memory_budget,
+            MemoryBudget::Bytes(ByteCount(6 << 30))
+        );
+        assert_eq!(config.pool.idle_ttl, Ttl::Never);
+        assert_eq!(config.pool.instance_overhead, ByteCount(512 << 20));
+        let qwen = &config.models["qwen/qwen3-4b"];
+        assert!(qwen.pinned && !qwen.preload);
+        assert_eq!(qwen.ttl, Some(Ttl::After(Duration::ZERO)));
+        assert_eq!(qwen.context_length, Some(8192));
+        assert_eq!(
+            Config::default().pool.memory_budget,
+            MemoryBudget::Percent(75.0)
+        );
+        assert_eq!(
+            MemoryBudget::Percent(50.0).resolve(Some(1000)).unwrap(),
+            500
+        );
+    }
+
+    #[test]
+    fn bad_sizes_and_ttls_name_the_line() {
+        for (text, line) in [
+            ("[pool]\nmemory_budget = \"lots\"\n", "line 2"),
+            ("[pool]\nmemory_budget = \"150%\"\n", "line 2"),
+            ("[pool]\n\nidle_ttl = \"15\"\n", "line 3"),
+            ("[models.\"m\"]\npinned = true\nprio = 1\n", "line 3"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(line), "{text}: {err}");
+        }
     }
 
     #[test]

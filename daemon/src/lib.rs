@@ -1,11 +1,12 @@
-//! lmsd: a daemon between agents and LM Studio. It mirrors LM Studio's model catalogue, serves a
-//! versioned NDJSON protocol on a unix socket, and runs loads, verified unloads and chats.
+//! lmsd: a daemon between agents and LM Studio. It keeps a warm pool of model instances (idle
+//! TTL, memory budget, pins), serves a versioned NDJSON protocol on a unix socket, and runs
+//! loads, verified unloads and chats.
 //!
 //! [`run`] is the whole daemon; `main.rs` only parses arguments, sets up logging and signals.
 
-pub mod catalogue;
 pub mod config;
 pub mod lmstudio;
+pub mod pool;
 pub mod server;
 pub mod tasks;
 
@@ -42,20 +43,30 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let token = config.lmstudio_token()?;
     let lmstudio = lmstudio::LmStudio::new(&config.lmstudio, token)?;
+    let settings = pool::PoolSettings::from_config(&config)?;
+    // Pins that cannot fit together are a config error now, not a surprise later. Without an
+    // answer from LM Studio the sizes are unknown; the pool then warns when it cannot load one.
+    if settings.models.values().any(|m| m.pinned) {
+        if let Ok(models) = lmstudio.models().await {
+            settings.check_pins(&models)?;
+        }
+    }
     let socket = config.socket_path();
     let listener = server::bind(&socket)?;
-    let (catalogue, catalogue_task) = catalogue::spawn(
-        lmstudio.clone(),
-        config.lmstudio.poll_interval,
-        shutdown.child_token(),
-    );
+    let pool_shutdown = CancellationToken::new();
+    let (pool, pool_task) = pool::spawn(lmstudio.clone(), settings.clone(), pool_shutdown.clone());
     let ctx = tasks::Context {
         lmstudio,
-        catalogue,
+        pool,
         started: Instant::now(),
         simulated: backend == BackendKind::Simulated,
     };
-    tracing::info!(socket = %socket.display(), lmstudio = %config.lmstudio.url, "lmsd ready");
+    tracing::info!(
+        socket = %socket.display(),
+        lmstudio = %config.lmstudio.url,
+        budget_bytes = settings.budget_bytes,
+        "lmsd ready"
+    );
     server::serve(
         listener,
         ctx,
@@ -64,7 +75,9 @@ pub async fn run(
         shutdown,
     )
     .await;
-    let _ = catalogue_task.await;
+    // The pool outlives the server so that draining requests can still finish their chats.
+    pool_shutdown.cancel();
+    let _ = pool_task.await;
     tracing::info!("lmsd stopped");
     Ok(())
 }

@@ -208,7 +208,9 @@ async fn serve_connection(stream: Stream, ctx: Context, shutdown: CancellationTo
 async fn dispatch(ctx: &Context, envelope: Envelope, replies: &mpsc::Sender<Reply>) -> Reply {
     let Envelope { id, request, .. } = envelope;
     let outcome = match request {
-        Request::Status => Ok(Outcome::Status(tasks::status(ctx))),
+        Request::Status => tasks::status(ctx).await.map(Outcome::Status),
+        Request::Pin(pin) => tasks::pin(ctx, pin.model, true).await.map(Outcome::Pin),
+        Request::Unpin(pin) => tasks::pin(ctx, pin.model, false).await.map(Outcome::Pin),
         Request::Models => tasks::models(ctx).await.map(Outcome::Models),
         Request::Load(load) => tasks::load(ctx, load).await.map(Outcome::Load),
         Request::Unload(unload) => tasks::unload(ctx, unload).await.map(Outcome::Unload),

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     ModelNotFound,
     /// LM Studio could not load the model for lack of memory.
     OutOfMemory,
+    /// The model does not fit in lmsd's memory budget and nothing can give way.
+    BudgetExceeded,
     /// The daemon is stopping and takes no new work.
     ShuttingDown,
     /// A bug in lmsd; the message says what happened.
@@ -37,6 +39,7 @@ impl ErrorCode {
             ErrorCode::BackendError => "backend_error",
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::OutOfMemory => "out_of_memory",
+            ErrorCode::BudgetExceeded => "budget_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
@@ -84,6 +87,7 @@ mod tests {
             ErrorCode::BackendError,
             ErrorCode::ModelNotFound,
             ErrorCode::OutOfMemory,
+            ErrorCode::BudgetExceeded,
             ErrorCode::ShuttingDown,
             ErrorCode::Internal,
         ] {

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{ErrorCode, WireError};
+use crate::ttl::Ttl;
 use crate::PROTOCOL_VERSION;
 
 /// A request line: `{"v":1, "id":"c1", "type":"chat", ...fields}`.
@@ -29,6 +30,17 @@ pub enum Request {
     Unload(UnloadRequest),
     /// Run one chat turn.
     Chat(ChatRequest),
+    /// Keep a model loaded always (loaded now if it is not).
+    Pin(PinRequest),
+    /// Let a pinned model be evicted and expire again.
+    Unpin(PinRequest),
+}
+
+/// `{"type":"pin", "model":"qwen/qwen3-4b"}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinRequest {
+    pub model: String,
 }
 
 /// `{"type":"load", "model":"qwen/qwen3-4b", "context_length":8192}`. The optional fields are
@@ -47,6 +59,12 @@ pub struct LoadRequest {
     pub num_experts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offload_kv_cache_to_gpu: Option<bool>,
+    /// Idle TTL of the instance: `"15m"`, `"0"` or `"never"`; default from the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Ttl>,
+    /// Pin the model as well (see `pin`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pin: bool,
 }
 
 /// `{"type":"unload", "model":"qwen/qwen3-4b"}` unloads every instance of the key;
@@ -77,6 +95,9 @@ pub struct ChatRequest {
     pub previous_response_id: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+    /// Idle TTL of the instance after this task: `"15m"`, `"0"` or `"never"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Ttl>,
 }
 
 /// A reply line. `id` echoes the request's id; it is `null` only when the request line was so
@@ -135,6 +156,7 @@ pub enum Outcome {
     Load(LoadOutcome),
     Unload(UnloadOutcome),
     Chat(ChatOutcome),
+    Pin(PinOutcome),
 }
 
 /// Streamed progress of a request; `event` names the variant.
@@ -156,7 +178,48 @@ pub enum Event {
 pub struct StatusReport {
     pub daemon: DaemonInfo,
     pub backend: BackendStatus,
+    /// Loaded instances, and loads in progress (`state: loading`).
     pub instances: Vec<InstanceStatus>,
+    pub memory: MemoryStatus,
+    /// The most recent unloads lmsd made on its own, newest first.
+    #[serde(default)]
+    pub evictions: Vec<Eviction>,
+}
+
+/// lmsd's memory budget: what LM Studio has loaded (by `size_bytes`, plus the configured
+/// per-instance overhead), outside loads included.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryStatus {
+    pub budget_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Eviction {
+    pub instance_id: String,
+    pub model: String,
+    /// Why: `idle_ttl`, `memory` (made room for another model), `unload` (asked for).
+    pub reason: String,
+    pub seconds_ago: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Loading,
+    Idle,
+    Busy,
+    Unloading,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadedBy {
+    Lmsd,
+    /// LM Studio's GUI, `lms load`, another client: counted, never unloaded unless
+    /// `[pool] manage_external = true` or asked for by name.
+    Outside,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,12 +246,24 @@ pub struct BackendStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {
+    /// Empty while the instance is still loading.
     pub instance_id: String,
     pub model: String,
     pub size_bytes: u64,
     pub context_length: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<u32>,
+    pub state: InstanceState,
+    pub in_flight: u32,
+    /// Seconds since its last task ended (0 while busy).
+    pub idle_s: u64,
+    pub ttl: Ttl,
+    /// Seconds until the idle TTL unloads it; absent when it never expires (TTL `never`,
+    /// pinned, or loaded outside lmsd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_left_s: Option<u64>,
+    pub pinned: bool,
+    pub loaded_by: LoadedBy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,6 +305,12 @@ pub struct LoadOutcome {
     /// True when an instance was already loaded and no load was made.
     #[serde(default)]
     pub already_loaded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PinOutcome {
+    pub model: String,
+    pub pinned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -356,6 +437,7 @@ impl Request {
         match self {
             Request::Status | Request::Models => Ok(()),
             Request::Load(load) => non_empty("model", &load.model),
+            Request::Pin(pin) | Request::Unpin(pin) => non_empty("model", &pin.model),
             Request::Unload(unload) => match (&unload.model, &unload.instance_id) {
                 (Some(model), None) => non_empty("model", model),
                 (None, Some(instance)) => non_empty("instance_id", instance),

@@ -1,0 +1,1147 @@
+//! The pool actor: the one owner of the instance table and the catalogue mirror. It serves
+//! commands, runs LM Studio calls as jobs that report back, reconciles its table with what LM
+//! Studio really has, and applies policy (TTL expiry, eviction, pins) in `pump`.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lmsd_proto::{
+    Eviction, InstanceState, InstanceStatus, LoadOutcome, LoadRequest, LoadedBy, MemoryStatus,
+    PinOutcome, Ttl, UnloadOutcome, UnloadRequest,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::{self, Fit, Resident};
+use super::{Command, Lease, PoolError, PoolSettings, PoolStatus, Reply};
+use crate::lmstudio::{BackendError, LmStudio, LoadBody, LoadReply, Model};
+
+/// Rounds of unload-then-verify before lmsd gives up on an instance that will not go.
+const UNLOAD_ROUNDS: u32 = 5;
+/// Evictions kept for `status`.
+const EVICTIONS_KEPT: usize = 16;
+/// How often TTLs, deadlines and the poll clock are checked.
+const TICK: Duration = Duration::from_millis(100);
+/// Parallel slots of an instance until LM Studio reports its `config.parallel`.
+const DEFAULT_PARALLEL: u32 = 4;
+
+#[derive(Debug)]
+struct Instance {
+    id: String,
+    model: String,
+    size_bytes: u64,
+    context_length: u32,
+    parallel: u32,
+    loaded_by: LoadedBy,
+    ttl: Ttl,
+    in_flight: u32,
+    last_used: Instant,
+    /// When lmsd put it in the table: a catalogue read that started earlier cannot see it.
+    added_at: Instant,
+    load_time: Duration,
+    uses: u64,
+    /// An unload job is running for it, with this reason.
+    unloading: Option<&'static str>,
+    /// An explicit unload waits for its running tasks to end; no new tasks go to it.
+    draining: bool,
+}
+
+#[derive(Debug)]
+struct PendingLoad {
+    size_bytes: u64,
+    context_length: Option<u32>,
+    ttl: Ttl,
+}
+
+/// Work waiting on the pool's state: served, in order, by `pump`.
+enum Waiting {
+    Acquire(Reply<Lease>),
+    Load(LoadRequest, Reply<LoadOutcome>),
+    Unload {
+        request: UnloadRequest,
+        /// The instances this unload is waiting for, once started.
+        targets: Option<BTreeSet<String>>,
+        unloaded: Vec<String>,
+        rounds: u32,
+        reply: Reply<UnloadOutcome>,
+    },
+    Models(Reply<Arc<Vec<Model>>>),
+}
+
+struct Waiter {
+    model: String,
+    ttl: Option<Ttl>,
+    /// Served only after a catalogue read numbered at least this has completed.
+    needs_read: u64,
+    /// Waiting for memory that busy instances hold ends here.
+    deadline: Instant,
+    /// Time of a load of this model that finished while it waited.
+    load_seen: Option<Duration>,
+    waiting: Waiting,
+}
+
+enum Step {
+    Done,
+    Wait,
+}
+
+enum JobResult {
+    Catalogue {
+        seq: u64,
+        started: Instant,
+        result: Result<Vec<Model>, BackendError>,
+    },
+    Loaded {
+        model: String,
+        result: Result<LoadReply, BackendError>,
+        took: Duration,
+    },
+    Unloaded {
+        id: String,
+        result: Result<u32, PoolError>,
+    },
+}
+
+struct Actor {
+    lmstudio: LmStudio,
+    settings: PoolSettings,
+    catalogue: Arc<Vec<Model>>,
+    reachable: bool,
+    last_error: Option<BackendError>,
+    refreshed_at: Option<Instant>,
+    /// Sequence numbers of catalogue reads: the next to start, and the last completed.
+    next_read: u64,
+    completed_read: u64,
+    reading: bool,
+    read_again: bool,
+    next_poll: Instant,
+    preloaded: bool,
+    instances: Vec<Instance>,
+    loads: HashMap<String, PendingLoad>,
+    waiters: VecDeque<Waiter>,
+    pins: BTreeSet<String>,
+    /// Pinned models lmsd could not load, so the warning is logged once.
+    pins_blocked: BTreeSet<String>,
+    /// Ids lmsd unloaded recently: a catalogue read that started before must not resurrect them.
+    recently_unloaded: HashMap<String, Instant>,
+    evictions: VecDeque<(Eviction, Instant)>,
+    jobs: JoinSet<JobResult>,
+    releases: mpsc::UnboundedSender<String>,
+}
+
+pub(super) async fn run(
+    lmstudio: LmStudio,
+    settings: PoolSettings,
+    mut commands: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+) {
+    let (releases, mut released) = mpsc::unbounded_channel();
+    let pins = settings
+        .models
+        .iter()
+        .filter(|(_, m)| m.pinned)
+        .map(|(key, _)| key.clone())
+        .collect();
+    let mut actor = Actor {
+        lmstudio,
+        settings,
+        catalogue: Arc::new(Vec::new()),
+        reachable: false,
+        last_error: None,
+        refreshed_at: None,
+        next_read: 1,
+        completed_read: 0,
+        reading: false,
+        read_again: false,
+        next_poll: Instant::now(),
+        preloaded: false,
+        instances: Vec::new(),
+        loads: HashMap::new(),
+        waiters: VecDeque::new(),
+        pins,
+        pins_blocked: BTreeSet::new(),
+        recently_unloaded: HashMap::new(),
+        evictions: VecDeque::new(),
+        jobs: JoinSet::new(),
+        releases,
+    };
+    actor.request_read();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(command) = commands.recv() => actor.command(command),
+            Some(id) = released.recv() => actor.release(&id),
+            Some(Ok(result)) = actor.jobs.join_next(), if !actor.jobs.is_empty() => actor.job_done(result),
+            _ = tick.tick() => {
+                if Instant::now() >= actor.next_poll {
+                    actor.request_read();
+                }
+            }
+        }
+        actor.pump(Instant::now());
+    }
+    for waiter in actor.waiters.drain(..) {
+        waiter.fail(PoolError::ShuttingDown);
+    }
+    actor.jobs.shutdown().await;
+}
+
+impl Waiter {
+    fn fail(self, error: PoolError) {
+        self.waiting.fail(error);
+    }
+}
+
+impl Waiting {
+    fn fail(self, error: PoolError) {
+        match self {
+            Waiting::Acquire(reply) => drop(reply.send(Err(error))),
+            Waiting::Load(_, reply) => drop(reply.send(Err(error))),
+            Waiting::Unload { reply, .. } => drop(reply.send(Err(error))),
+            Waiting::Models(reply) => drop(reply.send(Err(error))),
+        }
+    }
+}
+
+impl Actor {
+    // --- commands -------------------------------------------------------------------------
+
+    fn command(&mut self, command: Command) {
+        let now = Instant::now();
+        let (model, ttl, needs_read, waiting) = match command {
+            Command::Status { reply } => {
+                let _ = reply.send(self.status(now));
+                return;
+            }
+            Command::RefreshSoon => {
+                self.request_read();
+                return;
+            }
+            Command::Pin {
+                model,
+                pinned,
+                reply,
+            } => {
+                let _ = reply.send(self.pin(model, pinned));
+                return;
+            }
+            Command::Acquire { model, ttl, reply } => (model, ttl, 0, Waiting::Acquire(reply)),
+            // Loads, unloads and listings act on a catalogue read after they arrived, so an
+            // instance loaded outside lmsd a moment ago is seen.
+            Command::Load { request, reply } => {
+                let needs = self.request_read();
+                (
+                    request.model.clone(),
+                    request.ttl,
+                    needs,
+                    Waiting::Load(request, reply),
+                )
+            }
+            Command::Unload { request, reply } => {
+                let needs = self.request_read();
+                let name = request
+                    .model
+                    .clone()
+                    .or(request.instance_id.clone())
+                    .unwrap_or_default();
+                let waiting = Waiting::Unload {
+                    request,
+                    targets: None,
+                    unloaded: Vec::new(),
+                    rounds: 0,
+                    reply,
+                };
+                (name, None, needs, waiting)
+            }
+            Command::Models { reply } => {
+                let needs = self.request_read();
+                (String::new(), None, needs, Waiting::Models(reply))
+            }
+        };
+        self.waiters.push_back(Waiter {
+            model,
+            ttl,
+            needs_read,
+            deadline: now + self.settings.max_wait,
+            load_seen: None,
+            waiting,
+        });
+    }
+
+    fn pin(&mut self, model: String, pinned: bool) -> Result<PinOutcome, PoolError> {
+        if self.reachable && !self.catalogue.iter().any(|m| m.key == model) {
+            return Err(PoolError::NotFound { name: model });
+        }
+        if pinned {
+            self.pins.insert(model.clone());
+        } else {
+            self.pins.remove(&model);
+            self.pins_blocked.remove(&model);
+        }
+        tracing::info!(model = %model, pinned, "pin changed");
+        Ok(PinOutcome { model, pinned })
+    }
+
+    fn release(&mut self, id: &str) {
+        if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
+            instance.in_flight = instance.in_flight.saturating_sub(1);
+            instance.last_used = Instant::now();
+        }
+    }
+
+    // --- jobs -----------------------------------------------------------------------------
+
+    /// Starts a catalogue read unless one is running (then another follows it). Returns the
+    /// number of the read whose result reflects everything up to now.
+    fn request_read(&mut self) -> u64 {
+        if self.reading {
+            self.read_again = true;
+            return self.next_read;
+        }
+        let seq = self.next_read;
+        self.next_read += 1;
+        self.reading = true;
+        let lmstudio = self.lmstudio.clone();
+        self.jobs.spawn(async move {
+            let started = Instant::now();
+            let result = lmstudio.models().await;
+            JobResult::Catalogue {
+                seq,
+                started,
+                result,
+            }
+        });
+        seq
+    }
+
+    fn start_load(&mut self, model: &Model, request: Option<&LoadRequest>, ttl: Ttl) {
+        let configured = self
+            .settings
+            .models
+            .get(&model.key)
+            .cloned()
+            .unwrap_or_default();
+        let body = LoadBody {
+            model: model.key.clone(),
+            context_length: request
+                .and_then(|r| r.context_length)
+                .or(configured.context_length),
+            eval_batch_size: request
+                .and_then(|r| r.eval_batch_size)
+                .or(configured.eval_batch_size),
+            flash_attention: request
+                .and_then(|r| r.flash_attention)
+                .or(configured.flash_attention),
+            num_experts: request
+                .and_then(|r| r.num_experts)
+                .or(configured.num_experts),
+            offload_kv_cache_to_gpu: request
+                .and_then(|r| r.offload_kv_cache_to_gpu)
+                .or(configured.offload_kv_cache_to_gpu),
+            echo_load_config: true,
+        };
+        tracing::info!(model = %model.key, size_bytes = model.size_bytes, "loading");
+        self.loads.insert(
+            model.key.clone(),
+            PendingLoad {
+                size_bytes: model.size_bytes,
+                context_length: body.context_length,
+                ttl,
+            },
+        );
+        let lmstudio = self.lmstudio.clone();
+        let key = model.key.clone();
+        self.jobs.spawn(async move {
+            let started = Instant::now();
+            let result = lmstudio.load(&body).await;
+            JobResult::Loaded {
+                model: key,
+                result,
+                took: started.elapsed(),
+            }
+        });
+    }
+
+    /// Unloads one instance by its id, verifying that LM Studio no longer lists it.
+    fn start_unload(&mut self, id: &str, reason: &'static str) {
+        let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) else {
+            return;
+        };
+        if instance.unloading.is_some() {
+            return;
+        }
+        instance.unloading = Some(reason);
+        tracing::info!(instance = %id, model = %instance.model, reason, "unloading");
+        let lmstudio = self.lmstudio.clone();
+        let id = id.to_owned();
+        self.jobs.spawn(async move {
+            let result = unload_verified(&lmstudio, &id).await;
+            JobResult::Unloaded { id, result }
+        });
+    }
+
+    fn job_done(&mut self, result: JobResult) {
+        let now = Instant::now();
+        match result {
+            JobResult::Catalogue {
+                seq,
+                started,
+                result,
+            } => {
+                self.reading = false;
+                self.completed_read = seq;
+                self.next_poll = now + self.settings.poll_interval;
+                match result {
+                    Ok(models) => {
+                        if !self.reachable {
+                            tracing::info!(
+                                url = self.lmstudio.url(),
+                                models = models.len(),
+                                "LM Studio is reachable"
+                            );
+                        }
+                        self.reachable = true;
+                        self.last_error = None;
+                        self.refreshed_at = Some(now);
+                        self.catalogue = Arc::new(models);
+                        self.reconcile(started, now);
+                    }
+                    Err(error) => {
+                        let changed = self.last_error.as_ref().map(ToString::to_string)
+                            != Some(error.to_string());
+                        if self.reachable || changed {
+                            tracing::warn!(url = self.lmstudio.url(), %error, "cannot read LM Studio's models; will keep trying");
+                        }
+                        self.reachable = false;
+                        self.last_error = Some(error);
+                    }
+                }
+                if self.read_again {
+                    self.read_again = false;
+                    self.request_read();
+                }
+            }
+            JobResult::Loaded {
+                model,
+                result,
+                took,
+            } => {
+                let pending = self.loads.remove(&model);
+                match result {
+                    Ok(reply) => self.loaded(&model, reply, pending, took, now),
+                    Err(error) => {
+                        tracing::warn!(model = %model, %error, "load failed");
+                        self.fail_waiters_for(&model, &PoolError::Backend(error));
+                    }
+                }
+                // Learn the new instance's slots and settings, or the state after a failure.
+                self.request_read();
+            }
+            JobResult::Unloaded { id, result } => match result {
+                Ok(rounds) => {
+                    if let Some(index) = self.instances.iter().position(|i| i.id == id) {
+                        let instance = self.instances.remove(index);
+                        let reason = instance.unloading.unwrap_or("unload");
+                        self.recently_unloaded.insert(id.clone(), now);
+                        self.note_unloaded(&instance, reason, rounds, now);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(instance = %id, %error, "unload failed");
+                    if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
+                        instance.unloading = None;
+                        instance.draining = false;
+                    }
+                    self.fail_unloads_of(&id, &error);
+                    self.request_read();
+                }
+            },
+        }
+    }
+
+    fn loaded(
+        &mut self,
+        model: &str,
+        reply: LoadReply,
+        pending: Option<PendingLoad>,
+        took: Duration,
+        now: Instant,
+    ) {
+        tracing::info!(model, instance = %reply.instance_id, load_ms = took.as_millis() as u64, "loaded");
+        let ttl = pending.as_ref().map_or(self.settings.idle_ttl, |p| p.ttl);
+        let context_length = reply
+            .load_config
+            .and_then(|c| c.context_length)
+            .or(pending.as_ref().and_then(|p| p.context_length))
+            .unwrap_or(0);
+        let size_bytes = pending.map_or(0, |p| p.size_bytes);
+        // A catalogue read may already have listed it as an outside instance: adopt it.
+        if let Some(known) = self
+            .instances
+            .iter_mut()
+            .find(|i| i.id == reply.instance_id)
+        {
+            known.loaded_by = LoadedBy::Lmsd;
+            known.ttl = ttl;
+            known.load_time = took;
+        } else {
+            self.instances.push(Instance {
+                id: reply.instance_id,
+                model: model.to_owned(),
+                size_bytes,
+                context_length,
+                parallel: DEFAULT_PARALLEL,
+                loaded_by: LoadedBy::Lmsd,
+                ttl,
+                in_flight: 0,
+                last_used: now,
+                added_at: now,
+                load_time: took,
+                uses: 0,
+                unloading: None,
+                draining: false,
+            });
+        }
+        for waiter in self.waiters.iter_mut().filter(|w| w.model == model) {
+            waiter.load_seen = Some(took);
+        }
+    }
+
+    fn note_unloaded(
+        &mut self,
+        instance: &Instance,
+        reason: &'static str,
+        rounds: u32,
+        now: Instant,
+    ) {
+        tracing::info!(instance = %instance.id, model = %instance.model, reason, rounds, "unloaded");
+        if reason != "unload" {
+            self.evictions.push_front((
+                Eviction {
+                    instance_id: instance.id.clone(),
+                    model: instance.model.clone(),
+                    reason: reason.to_owned(),
+                    seconds_ago: 0,
+                },
+                now,
+            ));
+            self.evictions.truncate(EVICTIONS_KEPT);
+        }
+        self.target_gone(&instance.id, rounds);
+    }
+
+    /// An instance an explicit unload waits for is gone (unloaded by lmsd, or from outside).
+    fn target_gone(&mut self, id: &str, rounds: u32) {
+        for waiter in &mut self.waiters {
+            if let Waiting::Unload {
+                targets: Some(targets),
+                unloaded,
+                rounds: total,
+                ..
+            } = &mut waiter.waiting
+            {
+                if targets.remove(id) {
+                    unloaded.push(id.to_owned());
+                    *total = (*total).max(rounds);
+                }
+            }
+        }
+    }
+
+    fn fail_waiters_for(&mut self, model: &str, error: &PoolError) {
+        let (failed, kept): (VecDeque<Waiter>, VecDeque<Waiter>) =
+            self.waiters.drain(..).partition(|w| {
+                w.model == model && matches!(w.waiting, Waiting::Acquire(_) | Waiting::Load(..))
+            });
+        self.waiters = kept;
+        for waiter in failed {
+            waiter.fail(error.clone());
+        }
+    }
+
+    fn fail_unloads_of(&mut self, id: &str, error: &PoolError) {
+        let (failed, kept): (VecDeque<Waiter>, VecDeque<Waiter>) = self.waiters.drain(..).partition(|w| {
+            matches!(&w.waiting, Waiting::Unload { targets: Some(targets), .. } if targets.contains(id))
+        });
+        self.waiters = kept;
+        for waiter in failed {
+            waiter.fail(error.clone());
+        }
+    }
+
+    // --- reconciliation -------------------------------------------------------------------
+
+    /// Converges the table to the catalogue read that started at `started`.
+    fn reconcile(&mut self, started: Instant, now: Instant) {
+        self.recently_unloaded
+            .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        let catalogue = self.catalogue.clone();
+        let listed: BTreeSet<&str> = catalogue
+            .iter()
+            .flat_map(|m| m.loaded_instances.iter().map(|i| i.id.as_str()))
+            .collect();
+        let before = self.instances.len();
+        let mut vanished = Vec::new();
+        self.instances.retain(|instance| {
+            let keep = listed.contains(instance.id.as_str())
+                || instance.added_at > started
+                || instance.unloading.is_some();
+            if !keep {
+                vanished.push((instance.id.clone(), instance.in_flight));
+            }
+            keep
+        });
+        for (id, in_flight) in &vanished {
+            tracing::warn!(instance = %id, in_flight, "instance is gone from LM Studio (unloaded outside lmsd, or LM Studio restarted)");
+            self.target_gone(id, 0);
+        }
+        if before > 0 && vanished.len() == before {
+            tracing::warn!(gone = before, "every instance is gone: LM Studio probably restarted; pinned models will be reloaded");
+        }
+        for model in catalogue.iter() {
+            for listed in &model.loaded_instances {
+                if let Some(known) = self.instances.iter_mut().find(|i| i.id == listed.id) {
+                    known.context_length = listed.config.context_length;
+                    known.parallel = listed.config.parallel.unwrap_or(DEFAULT_PARALLEL).max(1);
+                    known.size_bytes = model.size_bytes;
+                    continue;
+                }
+                if self
+                    .recently_unloaded
+                    .get(&listed.id)
+                    .is_some_and(|at| *at > started)
+                {
+                    continue;
+                }
+                let duplicate = self.instances.iter().any(|i| i.model == model.key);
+                tracing::info!(instance = %listed.id, model = %model.key, duplicate, "instance loaded outside lmsd");
+                self.instances.push(Instance {
+                    id: listed.id.clone(),
+                    model: model.key.clone(),
+                    size_bytes: model.size_bytes,
+                    context_length: listed.config.context_length,
+                    parallel: listed.config.parallel.unwrap_or(DEFAULT_PARALLEL).max(1),
+                    loaded_by: LoadedBy::Outside,
+                    ttl: self.settings.idle_ttl,
+                    in_flight: 0,
+                    last_used: now,
+                    added_at: now,
+                    load_time: Duration::ZERO,
+                    uses: 0,
+                    unloading: None,
+                    draining: false,
+                });
+            }
+        }
+    }
+
+    // --- policy ---------------------------------------------------------------------------
+
+    fn bytes(&self, size_bytes: u64) -> u64 {
+        size_bytes + self.settings.instance_overhead
+    }
+
+    fn used_bytes(&self) -> u64 {
+        let resident: u64 = self
+            .instances
+            .iter()
+            .map(|i| self.bytes(i.size_bytes))
+            .sum();
+        let loading: u64 = self.loads.values().map(|l| self.bytes(l.size_bytes)).sum();
+        resident + loading
+    }
+
+    fn residents(&self) -> Vec<Resident> {
+        self.instances
+            .iter()
+            .map(|i| Resident {
+                id: i.id.clone(),
+                model: i.model.clone(),
+                bytes: self.bytes(i.size_bytes),
+                in_flight: i.in_flight,
+                pinned: self.pins.contains(&i.model),
+                managed: i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external,
+                leaving: i.unloading.is_some() || i.draining,
+                ttl: i.ttl,
+                last_used: i.last_used,
+                load_time: i.load_time,
+                uses: i.uses,
+            })
+            .collect()
+    }
+
+    /// How a load of `model` fits now. Memory of instances already on their way out counts as
+    /// free for planning, but a load waits until it is really freed.
+    fn fit(&self, model: &Model, now: Instant) -> Fit {
+        let residents = self.residents();
+        let leaving: u64 = residents
+            .iter()
+            .filter(|r| r.leaving)
+            .map(|r| r.bytes)
+            .sum();
+        let used = self.used_bytes();
+        let need = self.bytes(model.size_bytes);
+        match policy::plan_fit(
+            &residents,
+            used - leaving,
+            self.settings.budget_bytes,
+            need,
+            now,
+        ) {
+            Fit::Fits if used + need > self.settings.budget_bytes => {
+                Fit::WaitForBusy { busy: Vec::new() }
+            }
+            fit => fit,
+        }
+    }
+
+    /// Applies policy and serves whatever can be served now.
+    fn pump(&mut self, now: Instant) {
+        for id in policy::expired(&self.residents(), now) {
+            self.start_unload(&id, "idle_ttl");
+        }
+        let drained: Vec<String> = self
+            .instances
+            .iter()
+            .filter(|i| i.draining && i.in_flight == 0 && i.unloading.is_none())
+            .map(|i| i.id.clone())
+            .collect();
+        for id in drained {
+            self.start_unload(&id, "unload");
+        }
+        self.keep_pins_and_preloads(now);
+        let mut index = 0;
+        while index < self.waiters.len() {
+            match self.serve(index, now) {
+                Step::Done => {}
+                Step::Wait => index += 1,
+            }
+        }
+    }
+
+    fn keep_pins_and_preloads(&mut self, now: Instant) {
+        if !self.reachable {
+            return;
+        }
+        let mut wanted: Vec<(String, Ttl)> = self
+            .pins
+            .iter()
+            .map(|key| (key.clone(), Ttl::Never))
+            .collect();
+        if !self.preloaded {
+            self.preloaded = true;
+            for (key, config) in self
+                .settings
+                .models
+                .iter()
+                .filter(|(_, m)| m.preload && !m.pinned)
+            {
+                wanted.push((key.clone(), config.ttl.unwrap_or(self.settings.idle_ttl)));
+            }
+        }
+        for (key, ttl) in wanted {
+            let resident = self
+                .instances
+                .iter()
+                .any(|i| i.model == key && i.unloading.is_none() && !i.draining);
+            if resident || self.loads.contains_key(&key) {
+                continue;
+            }
+            let Some(model) = self.catalogue.iter().find(|m| m.key == key).cloned() else {
+                continue;
+            };
+            match self.fit(&model, now) {
+                Fit::Fits => {
+                    self.pins_blocked.remove(&key);
+                    self.start_load(&model, None, ttl);
+                }
+                Fit::Evict(victims) => {
+                    for id in victims {
+                        self.start_unload(&id, "memory");
+                    }
+                }
+                Fit::WaitForBusy { .. } => {}
+                Fit::Never { holders } => {
+                    if self.pins_blocked.insert(key.clone()) {
+                        tracing::warn!(model = %key, ?holders, "cannot load pinned or preloaded model: it does not fit in the memory budget");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries to finish the waiter at `index`; removes it when done.
+    fn serve(&mut self, index: usize, now: Instant) -> Step {
+        let waiter = &self.waiters[index];
+        if self.completed_read < waiter.needs_read || (self.refreshed_at.is_none() && self.reading)
+        {
+            return Step::Wait;
+        }
+        if !self.reachable {
+            let error = self
+                .last_error
+                .clone()
+                .unwrap_or(BackendError::Unreachable {
+                    url: self.lmstudio.url().to_owned(),
+                    detail: "no answer yet".into(),
+                });
+            if let Some(waiter) = self.waiters.remove(index) {
+                waiter.fail(PoolError::Backend(error));
+            }
+            return Step::Done;
+        }
+        let outcome = match waiter.waiting {
+            Waiting::Models(_) => Some(Ok(())),
+            Waiting::Acquire(_) => self.serve_acquire(index, now),
+            Waiting::Load(..) => self.serve_load(index, now),
+            Waiting::Unload { .. } => self.serve_unload(index),
+        };
+        match outcome {
+            None => Step::Wait,
+            Some(result) => {
+                let Some(waiter) = self.waiters.remove(index) else {
+                    return Step::Done;
+                };
+                match (result, waiter.waiting) {
+                    (Err(error), waiting) => waiting.fail(error),
+                    (Ok(()), Waiting::Models(reply)) => {
+                        drop(reply.send(Ok(self.catalogue.clone())))
+                    }
+                    (Ok(()), Waiting::Acquire(reply)) => {
+                        self.grant(&waiter.model, waiter.ttl, waiter.load_seen, reply)
+                    }
+                    (Ok(()), Waiting::Load(request, reply)) => {
+                        drop(reply.send(Ok(self.load_outcome(&request, waiter.load_seen))))
+                    }
+                    (
+                        Ok(()),
+                        Waiting::Unload {
+                            unloaded,
+                            rounds,
+                            reply,
+                            ..
+                        },
+                    ) => drop(reply.send(Ok(UnloadOutcome { unloaded, rounds }))),
+                }
+                Step::Done
+            }
+        }
+    }
+
+    /// The catalogue entry for a key, or for the model of a loaded instance id.
+    fn model_named(&self, name: &str) -> Option<Model> {
+        let key = self
+            .instances
+            .iter()
+            .find(|i| i.id == name)
+            .map_or(name, |i| i.model.as_str());
+        self.catalogue.iter().find(|m| m.key == key).cloned()
+    }
+
+    /// `Some(Ok)` when an instance with a free slot is there; starts a load or evictions when
+    /// needed; `None` to keep waiting.
+    fn serve_acquire(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
+        let name = self.waiters[index].model.clone();
+        let usable = |i: &Instance| i.unloading.is_none() && !i.draining;
+        // An instance id names that instance only.
+        if let Some(instance) = self.instances.iter().find(|i| i.id == name && usable(i)) {
+            return (instance.in_flight < instance.parallel).then_some(Ok(()));
+        }
+        let Some(model) = self.model_named(&name) else {
+            return Some(Err(PoolError::NotFound { name }));
+        };
+        let mut candidates = self
+            .instances
+            .iter()
+            .filter(|i| i.model == model.key && usable(i))
+            .peekable();
+        if candidates.peek().is_some() {
+            return candidates
+                .any(|i| i.in_flight < i.parallel)
+                .then_some(Ok(()));
+        }
+        let ttl = self.waiters[index].ttl;
+        self.ensure_loading(index, &model, None, ttl, now)
+    }
+
+    fn serve_load(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
+        let Waiting::Load(request, _) = &self.waiters[index].waiting else {
+            return None;
+        };
+        let request = request.clone();
+        let Some(model) = self
+            .catalogue
+            .iter()
+            .find(|m| m.key == request.model)
+            .cloned()
+        else {
+            return Some(Err(PoolError::NotFound {
+                name: request.model,
+            }));
+        };
+        if request.pin {
+            self.pins.insert(model.key.clone());
+        }
+        if self
+            .instances
+            .iter()
+            .any(|i| i.model == model.key && i.unloading.is_none() && !i.draining)
+        {
+            return Some(Ok(()));
+        }
+        self.ensure_loading(index, &model, Some(&request), request.ttl, now)
+    }
+
+    /// Starts what a waiter for `model` needs — a load, or evictions to make room — and says
+    /// whether to keep waiting (`None`) or give up.
+    fn ensure_loading(
+        &mut self,
+        index: usize,
+        model: &Model,
+        request: Option<&LoadRequest>,
+        ttl: Option<Ttl>,
+        now: Instant,
+    ) -> Option<Result<(), PoolError>> {
+        if self.loads.contains_key(&model.key) {
+            return None;
+        }
+        let budget_error = |holders: Vec<String>, waited: bool| PoolError::BudgetExceeded {
+            model: model.key.clone(),
+            need_bytes: self.bytes(model.size_bytes),
+            budget_bytes: self.settings.budget_bytes,
+            holders,
+            waited,
+        };
+        match self.fit(model, now) {
+            Fit::Fits => {
+                let ttl = ttl
+                    .or_else(|| self.settings.models.get(&model.key).and_then(|m| m.ttl))
+                    .unwrap_or(self.settings.idle_ttl);
+                self.start_load(model, request, ttl);
+                None
+            }
+            Fit::Evict(victims) => {
+                for id in victims {
+                    self.start_unload(&id, "memory");
+                }
+                None
+            }
+            Fit::WaitForBusy { busy } if now >= self.waiters[index].deadline => {
+                Some(Err(budget_error(busy, true)))
+            }
+            Fit::WaitForBusy { .. } => None,
+            Fit::Never { holders } => Some(Err(budget_error(holders, false))),
+        }
+    }
+
+    fn serve_unload(&mut self, index: usize) -> Option<Result<(), PoolError>> {
+        let name = self.waiters[index].model.clone();
+        let Waiting::Unload {
+            request, targets, ..
+        } = &mut self.waiters[index].waiting
+        else {
+            return None;
+        };
+        if let Some(targets) = targets {
+            return targets.is_empty().then_some(Ok(()));
+        }
+        let by_key = request.model.is_some();
+        let chosen: BTreeSet<String> = self
+            .instances
+            .iter()
+            .filter(|i| (by_key && i.model == name) || i.id == name)
+            .map(|i| i.id.clone())
+            .collect();
+        if chosen.is_empty() {
+            let known_key = by_key && self.catalogue.iter().any(|m| m.key == name);
+            return Some(if known_key {
+                Ok(())
+            } else {
+                Err(PoolError::NotFound { name })
+            });
+        }
+        let models: BTreeSet<String> = self
+            .instances
+            .iter()
+            .filter(|i| chosen.contains(&i.id))
+            .map(|i| i.model.clone())
+            .collect();
+        if let Some(pinned) = models.iter().find(|m| self.pins.contains(*m)) {
+            return Some(Err(PoolError::Pinned {
+                model: pinned.clone(),
+            }));
+        }
+        for instance in self.instances.iter_mut().filter(|i| chosen.contains(&i.id)) {
+            instance.draining = true;
+        }
+        *targets = Some(chosen);
+        None
+    }
+
+    fn grant(
+        &mut self,
+        name: &str,
+        ttl: Option<Ttl>,
+        load_seen: Option<Duration>,
+        reply: Reply<Lease>,
+    ) {
+        let chosen = self
+            .instances
+            .iter_mut()
+            .filter(|i| (i.id == name || i.model == name) && i.unloading.is_none() && !i.draining)
+            .filter(|i| i.in_flight < i.parallel)
+            .min_by_key(|i| (i.id != name, i.in_flight));
+        let Some(instance) = chosen else {
+            let _ = reply.send(Err(PoolError::NotFound {
+                name: name.to_owned(),
+            }));
+            return;
+        };
+        instance.in_flight += 1;
+        instance.uses += 1;
+        if let Some(ttl) = ttl {
+            instance.ttl = ttl;
+        }
+        let lease = Lease {
+            instance_id: instance.id.clone(),
+            model: instance.model.clone(),
+            load_time: load_seen,
+            releases: self.releases.clone(),
+        };
+        // If the task is gone, the lease comes back and its drop releases the slot.
+        let _ = reply.send(Ok(lease));
+    }
+
+    fn load_outcome(&mut self, request: &LoadRequest, load_seen: Option<Duration>) -> LoadOutcome {
+        let instance = self
+            .instances
+            .iter_mut()
+            .find(|i| i.model == request.model && i.unloading.is_none() && !i.draining);
+        match instance {
+            Some(instance) => {
+                if let Some(ttl) = request.ttl {
+                    instance.ttl = ttl;
+                }
+                instance.last_used = Instant::now();
+                LoadOutcome {
+                    model: instance.model.clone(),
+                    instance_id: instance.id.clone(),
+                    load_time_seconds: load_seen.map_or(0.0, |d| d.as_secs_f64()),
+                    context_length: Some(instance.context_length).filter(|c| *c > 0),
+                    already_loaded: load_seen.is_none(),
+                }
+            }
+            None => LoadOutcome {
+                model: request.model.clone(),
+                instance_id: String::new(),
+                load_time_seconds: 0.0,
+                context_length: None,
+                already_loaded: false,
+            },
+        }
+    }
+
+    // --- status ---------------------------------------------------------------------------
+
+    fn status(&self, now: Instant) -> PoolStatus {
+        let mut instances: Vec<InstanceStatus> = self
+            .instances
+            .iter()
+            .map(|i| {
+                let pinned = self.pins.contains(&i.model);
+                let managed = i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external;
+                let idle = if i.in_flight > 0 {
+                    Duration::ZERO
+                } else {
+                    now.saturating_duration_since(i.last_used)
+                };
+                let state = match (i.unloading.is_some(), i.in_flight) {
+                    (true, _) => InstanceState::Unloading,
+                    (false, 0) => InstanceState::Idle,
+                    (false, _) => InstanceState::Busy,
+                };
+                let expires = managed && !pinned && i.in_flight == 0;
+                InstanceStatus {
+                    instance_id: i.id.clone(),
+                    model: i.model.clone(),
+                    size_bytes: i.size_bytes,
+                    context_length: i.context_length,
+                    parallel: Some(i.parallel),
+                    state,
+                    in_flight: i.in_flight,
+                    idle_s: idle.as_secs(),
+                    ttl: i.ttl,
+                    ttl_left_s: i.ttl.left(idle).filter(|_| expires).map(|d| d.as_secs()),
+                    pinned,
+                    loaded_by: i.loaded_by,
+                }
+            })
+            .collect();
+        for (key, load) in &self.loads {
+            instances.push(InstanceStatus {
+                instance_id: String::new(),
+                model: key.clone(),
+                size_bytes: load.size_bytes,
+                context_length: load.context_length.unwrap_or(0),
+                parallel: None,
+                state: InstanceState::Loading,
+                in_flight: 0,
+                idle_s: 0,
+                ttl: load.ttl,
+                ttl_left_s: None,
+                pinned: self.pins.contains(key),
+                loaded_by: LoadedBy::Lmsd,
+            });
+        }
+        let used = self.used_bytes();
+        PoolStatus {
+            instances,
+            memory: MemoryStatus {
+                budget_bytes: self.settings.budget_bytes,
+                used_bytes: used,
+                free_bytes: self.settings.budget_bytes.saturating_sub(used),
+            },
+            evictions: self
+                .evictions
+                .iter()
+                .map(|(eviction, at)| Eviction {
+                    seconds_ago: now.duration_since(*at).as_secs(),
+                    ..eviction.clone()
+                })
+                .collect(),
+            reachable: self.reachable,
+            last_error: self.last_error.clone(),
+            refreshed_ago: self.refreshed_at.map(|at| now.duration_since(at)),
+        }
+    }
+}
+
+/// Unloads `id` (an id read from `loaded_instances`), then re-reads the catalogue and repeats
+/// until LM Studio no longer lists it. Returns the rounds it took.
+async fn unload_verified(lmstudio: &LmStudio, id: &str) -> Result<u32, PoolError> {
+    for round in 1..=UNLOAD_ROUNDS {
+        match lmstudio.unload(id).await {
+            // Already gone: what we wanted.
+            Ok(()) | Err(BackendError::ModelNotFound { .. }) => {}
+            Err(error) => return Err(PoolError::Backend(error)),
+        }
+        let models = lmstudio.models().await?;
+        let still_listed = models
+            .iter()
+            .flat_map(|m| &m.loaded_instances)
+            .any(|i| i.id == id);
+        if !still_listed {
+            return Ok(round);
+        }
+        tracing::warn!(instance = %id, round, "instance still listed after unload; retrying");
+        tokio::time::sleep(Duration::from_millis(50 * u64::from(round))).await;
+    }
+    Err(PoolError::UnloadNotVerified {
+        remaining: vec![id.to_owned()],
+        rounds: UNLOAD_ROUNDS,
+    })
+}

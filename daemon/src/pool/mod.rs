@@ -1,0 +1,253 @@
+//! The warm pool. One task (the actor in `actor.rs`) owns the instance table — every instance
+//! LM Studio has loaded, who loaded it, its memory, TTL, pin and in-flight count — and the mirror
+//! of LM Studio's catalogue. Everyone else talks to it through [`PoolHandle`]; decisions are pure
+//! functions in [`policy`]; LM Studio calls run in spawned jobs that report back, so a slow load
+//! never blocks the actor.
+
+mod actor;
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lmsd_proto::{
+    Eviction, InstanceStatus, LoadOutcome, LoadRequest, MemoryStatus, PinOutcome, Ttl,
+    UnloadOutcome, UnloadRequest,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, ModelConfig};
+use crate::lmstudio::{BackendError, LmStudio, Model};
+
+/// The pool's settings, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub budget_bytes: u64,
+    pub idle_ttl: Ttl,
+    pub instance_overhead: u64,
+    pub manage_external: bool,
+    pub models: BTreeMap<String, ModelConfig>,
+    pub max_wait: Duration,
+    pub poll_interval: Duration,
+}
+
+impl PoolSettings {
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        Ok(PoolSettings {
+            budget_bytes: config
+                .pool
+                .memory_budget
+                .resolve(crate::config::physical_memory())?,
+            idle_ttl: config.pool.idle_ttl,
+            instance_overhead: config.pool.instance_overhead.0,
+            manage_external: config.pool.manage_external,
+            models: config.models.clone(),
+            max_wait: config.tasks.max_wait,
+            poll_interval: config.lmstudio.poll_interval,
+        })
+    }
+
+    /// Checks that the pinned models fit in the budget together. `models` is LM Studio's
+    /// catalogue; pins it does not list are reported and skipped.
+    pub fn check_pins(&self, models: &[Model]) -> Result<(), ConfigError> {
+        let mut total = 0u64;
+        for (key, _) in self.models.iter().filter(|(_, m)| m.pinned) {
+            match models.iter().find(|m| &m.key == key) {
+                Some(model) => total += model.size_bytes + self.instance_overhead,
+                None => {
+                    tracing::warn!(model = %key, "pinned model is not in LM Studio's catalogue")
+                }
+            }
+        }
+        if total > self.budget_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "the pinned models need {total} bytes together but [pool] memory_budget is {} bytes; raise the budget or unpin some",
+                self.budget_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Why the pool could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(
+        "LM Studio has no model or loaded instance {name:?}; `lmsd-ctl models` lists the keys"
+    )]
+    NotFound { name: String },
+    #[error("{model} needs {need_bytes} bytes but the memory budget is {budget_bytes} bytes{}", holders_text(.holders, *.waited))]
+    BudgetExceeded {
+        model: String,
+        need_bytes: u64,
+        budget_bytes: u64,
+        holders: Vec<String>,
+        waited: bool,
+    },
+    #[error("LM Studio still lists {remaining:?} after {rounds} rounds of unloading")]
+    UnloadNotVerified { remaining: Vec<String>, rounds: u32 },
+    #[error("{model} is pinned; unpin it first (`lmsd-ctl unpin {model}`)")]
+    Pinned { model: String },
+    #[error("lmsd is shutting down")]
+    ShuttingDown,
+}
+
+fn holders_text(holders: &[String], waited: bool) -> String {
+    let mut text = String::new();
+    if !holders.is_empty() {
+        text = format!(
+            ", and {} hold the rest (pinned, busy or loaded outside lmsd)",
+            holders.join(", ")
+        );
+    }
+    if waited {
+        text.push_str("; waited for busy instances until [tasks] max_wait ran out");
+    }
+    text
+}
+
+/// An instance reserved for one task. Dropping it gives the slot back and restarts the idle clock.
+#[derive(Debug)]
+pub struct Lease {
+    pub instance_id: String,
+    pub model: String,
+    /// Set when this task waited for a load of its model; how long that load took.
+    pub load_time: Option<Duration>,
+    releases: mpsc::UnboundedSender<String>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.releases.send(std::mem::take(&mut self.instance_id));
+    }
+}
+
+/// What `status` shows of the pool.
+#[derive(Debug, Clone)]
+pub struct PoolStatus {
+    pub instances: Vec<InstanceStatus>,
+    pub memory: MemoryStatus,
+    pub evictions: Vec<Eviction>,
+    pub reachable: bool,
+    pub last_error: Option<BackendError>,
+    pub refreshed_ago: Option<Duration>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, PoolError>>;
+
+enum Command {
+    Acquire {
+        model: String,
+        ttl: Option<Ttl>,
+        reply: Reply<Lease>,
+    },
+    Load {
+        request: LoadRequest,
+        reply: Reply<LoadOutcome>,
+    },
+    Unload {
+        request: UnloadRequest,
+        reply: Reply<UnloadOutcome>,
+    },
+    Pin {
+        model: String,
+        pinned: bool,
+        reply: Reply<PinOutcome>,
+    },
+    Models {
+        reply: Reply<Arc<Vec<Model>>>,
+    },
+    Status {
+        reply: oneshot::Sender<PoolStatus>,
+    },
+    RefreshSoon,
+}
+
+/// Cheap, cloneable access to the pool actor.
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Acquire { .. } => "Acquire",
+            Command::Load { .. } => "Load",
+            Command::Unload { .. } => "Unload",
+            Command::Pin { .. } => "Pin",
+            Command::Models { .. } => "Models",
+            Command::Status { .. } => "Status",
+            Command::RefreshSoon => "RefreshSoon",
+        })
+    }
+}
+
+impl PoolHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, PoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| PoolError::ShuttingDown)?;
+        answer.await.map_err(|_| PoolError::ShuttingDown)?
+    }
+
+    /// A slot on a ready instance of `model` (a key or an instance id), loading it if needed.
+    pub async fn acquire(&self, model: &str, ttl: Option<Ttl>) -> Result<Lease, PoolError> {
+        let model = model.to_owned();
+        self.ask(|reply| Command::Acquire { model, ttl, reply })
+            .await
+    }
+
+    pub async fn load(&self, request: LoadRequest) -> Result<LoadOutcome, PoolError> {
+        self.ask(|reply| Command::Load { request, reply }).await
+    }
+
+    pub async fn unload(&self, request: UnloadRequest) -> Result<UnloadOutcome, PoolError> {
+        self.ask(|reply| Command::Unload { request, reply }).await
+    }
+
+    pub async fn pin(&self, model: String, pinned: bool) -> Result<PinOutcome, PoolError> {
+        self.ask(|reply| Command::Pin {
+            model,
+            pinned,
+            reply,
+        })
+        .await
+    }
+
+    /// LM Studio's catalogue, freshly read.
+    pub async fn models(&self) -> Result<Arc<Vec<Model>>, PoolError> {
+        self.ask(|reply| Command::Models { reply }).await
+    }
+
+    pub async fn status(&self) -> Result<PoolStatus, PoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Status { reply })
+            .await
+            .map_err(|_| PoolError::ShuttingDown)?;
+        answer.await.map_err(|_| PoolError::ShuttingDown)
+    }
+
+    /// After a backend error: re-read the catalogue soon, without waiting for it.
+    pub fn refresh_soon(&self) {
+        let _ = self.commands.try_send(Command::RefreshSoon);
+    }
+}
+
+/// Starts the pool actor; it stops when `shutdown` is cancelled (after the server has drained).
+pub fn spawn(
+    lmstudio: LmStudio,
+    settings: PoolSettings,
+    shutdown: CancellationToken,
+) -> (PoolHandle, tokio::task::JoinHandle<()>) {
+    let (commands, inbox) = mpsc::channel(1024);
+    let task = tokio::spawn(actor::run(lmstudio, settings, inbox, shutdown));
+    (PoolHandle { commands }, task)
+}
