@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `lmsd` binary on a temp socket against the LM Studio simulator,
 //! driven through `lmsd-ctl` and raw protocol lines.
 
+mod pool;
 mod support;
 
 use std::time::Duration;

@@ -75,15 +75,16 @@ impl TestDaemon {
         Self::start_with(url, "", &[]).await
     }
 
-    /// As `start`, with extra `[lmstudio]` config lines and environment variables.
-    pub async fn start_with(url: &str, lmstudio_extra: &str, env: &[(&str, &str)]) -> TestDaemon {
+    /// As `start`, with `extra` config text appended after the `[lmstudio]` section (more
+    /// `[lmstudio]` keys, then other sections) and environment variables.
+    pub async fn start_with(url: &str, extra: &str, env: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run/lmsd.sock");
         let config = dir.path().join("lmsd.toml");
         std::fs::write(
             &config,
             format!(
-                "[server]\nsocket = {socket:?}\nshutdown_grace = \"5s\"\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{lmstudio_extra}\n"
+                "[server]\nsocket = {socket:?}\nshutdown_grace = \"5s\"\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{extra}\n"
             ),
         )
         .expect("write config");
@@ -243,4 +244,48 @@ pub async fn load_outside(sim: &Simulator, key: &str) -> String {
         .as_str()
         .expect("an instance id")
         .to_owned()
+}
+
+/// Polls `check` until it holds (bounded by [`PATIENCE`]).
+pub async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Unloads an instance from outside lmsd, as LM Studio's GUI would.
+pub async fn unload_outside(sim: &Simulator, instance_id: &str) {
+    let status = reqwest::Client::new()
+        .post(format!("{}/api/v1/models/unload", sim.url()))
+        .json(&serde_json::json!({ "instance_id": instance_id }))
+        .send()
+        .await
+        .expect("sim answers")
+        .status();
+    assert!(
+        status.is_success(),
+        "outside unload of {instance_id} failed: {status}"
+    );
+}
+
+/// One chat through the proto client on its own connection.
+pub async fn chat(
+    socket: &Path,
+    model: &str,
+) -> Result<lmsd_proto::ChatOutcome, lmsd_proto::ClientError> {
+    let mut client = Client::connect(socket).await?;
+    let request = Request::Chat(lmsd_proto::ChatRequest {
+        model: model.into(),
+        input: "a task".into(),
+        ..Default::default()
+    });
+    match client.call(request, |_| {}).await? {
+        Outcome::Chat(chat) => Ok(chat),
+        other => panic!("not a chat result: {other:?}"),
+    }
 }
