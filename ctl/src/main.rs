@@ -24,7 +24,8 @@ Exit codes:
   7  no such model or instance (model_not_found)
   8  LM Studio ran out of memory loading the model (out_of_memory)
   9  lmsd is shutting down (shutting_down)
- 10  the model does not fit in lmsd's memory budget (budget_exceeded)";
+  10  the model does not fit in lmsd's memory budget (budget_exceeded)
+ 11  this user may not use that lmsd (permission_denied)";
 
 /// Command line for lmsd, the LM Studio lifecycle daemon.
 #[derive(Debug, Parser)]
@@ -77,6 +78,8 @@ enum Command {
         /// Model key.
         key: String,
     },
+    /// Re-read lmsd's config file and apply what can change live (as SIGHUP does).
+    Reload,
     /// Unload every instance of a model key (or one instance id), and verify they are gone.
     Unload {
         /// Model key, or an instance id such as `qwen/qwen3-4b:2`.
@@ -114,6 +117,7 @@ impl Command {
     fn into_request(self) -> std::io::Result<Request> {
         Ok(match self {
             Command::Status => Request::Status,
+            Command::Reload => Request::Reload,
             Command::Models => Request::Models,
             Command::Load {
                 key,
@@ -189,6 +193,7 @@ fn exit_code(error: &ClientError) -> u8 {
             ErrorCode::OutOfMemory => 8,
             ErrorCode::ShuttingDown => 9,
             ErrorCode::BudgetExceeded => 10,
+            ErrorCode::PermissionDenied => 11,
             ErrorCode::Internal | ErrorCode::Unknown => 1,
         },
     }

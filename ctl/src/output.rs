@@ -24,6 +24,24 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
         Outcome::Chat(chat) => print_chat(chat, streamed),
         Outcome::Pin(pin) if pin.pinned => println!("{} is pinned", pin.model),
         Outcome::Pin(pin) => println!("{} is no longer pinned", pin.model),
+        Outcome::Reload(reload) => {
+            let from = reload
+                .path
+                .as_deref()
+                .unwrap_or("defaults (no config file)");
+            println!("reloaded {from}");
+            let list = |items: &[String]| {
+                if items.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    items.join(", ")
+                }
+            };
+            println!("applied: {}", list(&reload.applied));
+            if !reload.needs_restart.is_empty() {
+                println!("needs a restart to apply: {}", list(&reload.needs_restart));
+            }
+        }
     }
 }
 

@@ -23,6 +23,35 @@ pub struct Config {
     /// Per-model settings, keyed by model key: `[models."qwen/qwen3-4b"]`.
     pub models: BTreeMap<String, ModelConfig>,
     pub tasks: TasksConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Directory of the daily log files; default `$LOGS_DIRECTORY` (systemd), else
+    /// `$XDG_STATE_HOME/lmsd/logs`.
+    pub dir: Option<PathBuf>,
+    /// A tracing filter: `info`, `debug`, `lmsd=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+    /// Daily files kept; older ones are deleted.
+    pub keep_files: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            dir: None,
+            level: "info".into(),
+            keep_files: 7,
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn dir(&self) -> Option<PathBuf> {
+        self.dir.clone().or_else(lmsd_proto::paths::default_log_dir)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -36,6 +65,8 @@ pub struct PoolConfig {
     pub instance_overhead: ByteCount,
     /// May lmsd evict and expire instances loaded outside it (LM Studio's GUI, `lms load`)?
     pub manage_external: bool,
+    /// On stop, unload the unpinned instances lmsd loaded.
+    pub unload_on_exit: bool,
 }
 
 impl Default for PoolConfig {
@@ -45,6 +76,7 @@ impl Default for PoolConfig {
             idle_ttl: Ttl::After(Duration::from_secs(15 * 60)),
             instance_overhead: ByteCount(0),
             manage_external: false,
+            unload_on_exit: false,
         }
     }
 }
@@ -196,6 +228,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Users served besides the daemon's own (by uid, checked on every connection).
+    pub allow_uids: Vec<u32>,
+    /// A group whose members are served too.
+    pub allow_gid: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -204,6 +240,8 @@ impl Default for ServerConfig {
             socket: None,
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
+            allow_uids: Vec::new(),
+            allow_gid: None,
         }
     }
 }
@@ -326,6 +364,17 @@ impl Config {
                 )));
             }
         }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "[log] level {:?} is not a log filter: {e}",
+                self.log.level
+            ))
+        })?;
+        if self.log.keep_files == 0 {
+            return Err(ConfigError::Invalid(
+                "[log] keep_files must be at least 1".into(),
+            ));
+        }
         if self.tasks.max_wait.is_zero() {
             return Err(ConfigError::Invalid(
                 "[tasks] max_wait must be more than 0".into(),
@@ -338,6 +387,18 @@ impl Config {
         }
         Ok(())
     }
+
+    /// The config as `--check-config` prints it: TOML, with the token hidden.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.lmstudio.token.is_some() {
+            shown.lmstudio.token = Some("<redacted>".into());
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot show the config: {e}\n"))
+    }
+
+    /// The commented example config that `lmsd --print-default-config` writes.
+    pub const EXAMPLE: &'static str = include_str!("../lmsd.example.toml");
 
     /// The socket path in effect.
     pub fn socket_path(&self) -> PathBuf {
@@ -452,6 +513,26 @@ mod tests {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(line), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_says_the_defaults() {
+        let example = Config::parse(Config::EXAMPLE).expect("the example parses");
+        assert_eq!(
+            example.to_redacted_toml(),
+            Config::default().to_redacted_toml()
+        );
+    }
+
+    #[test]
+    fn check_config_output_hides_the_token_and_reads_back() {
+        let config = Config::parse("[lmstudio]\ntoken = \"sk-lm-abc:secret\"\n").unwrap();
+        let shown = config.to_redacted_toml();
+        assert!(
+            !shown.contains("secret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        Config::parse(&shown).expect("the printed config parses");
     }
 
     #[test]

@@ -6,15 +6,23 @@
 
 pub mod config;
 pub mod lmstudio;
+pub mod logging;
 pub mod pool;
 pub mod server;
+pub mod service;
 pub mod tasks;
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use sd_notify::NotifyState;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+
+/// How long `[pool] unload_on_exit` may take before lmsd exits anyway.
+const UNLOAD_ON_EXIT_LIMIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -34,13 +42,39 @@ pub enum BackendKind {
     Simulated,
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then drains and returns. LM Studio being down
-/// is not an error: lmsd starts anyway and keeps trying.
+/// Everything `run` needs from `main`.
+pub struct Startup {
+    pub config: Config,
+    /// Re-read on reload.
+    pub source: service::ConfigSource,
+    pub backend: BackendKind,
+    pub log_level: Option<logging::LevelSetter>,
+}
+
+impl std::fmt::Debug for Startup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Startup")
+            .field("config", &self.config)
+            .field("source", &self.source)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then drains and returns. Each message on
+/// `reloads` (SIGHUP) re-reads the config. LM Studio being down is not an error: lmsd starts
+/// anyway and keeps trying.
 pub async fn run(
-    config: Config,
-    backend: BackendKind,
+    startup: Startup,
     shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<()>,
 ) -> Result<(), StartError> {
+    let Startup {
+        config,
+        source,
+        backend,
+        log_level,
+    } = startup;
     let token = config.lmstudio_token()?;
     let lmstudio = lmstudio::LmStudio::new(&config.lmstudio, token)?;
     let settings = pool::PoolSettings::from_config(&config)?;
@@ -55,29 +89,67 @@ pub async fn run(
     let listener = server::bind(&socket)?;
     let pool_shutdown = CancellationToken::new();
     let (pool, pool_task) = pool::spawn(lmstudio.clone(), settings.clone(), pool_shutdown.clone());
+    let reloader = Arc::new(service::Reloader::new(
+        source,
+        config.clone(),
+        pool.clone(),
+        log_level,
+    ));
     let ctx = tasks::Context {
         lmstudio,
-        pool,
+        pool: pool.clone(),
+        reloader: reloader.clone(),
         started: Instant::now(),
         simulated: backend == BackendKind::Simulated,
     };
+    let side_tasks = tokio_util::task::TaskTracker::new();
+    side_tasks.spawn({
+        let reloader = reloader.clone();
+        async move {
+            while reloads.recv().await.is_some() {
+                if let Err(error) = reloader.reload().await {
+                    tracing::error!("{error}");
+                }
+            }
+        }
+    });
+    side_tasks.spawn(service::report_status(pool.clone()));
+    side_tasks.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            service::notify(&[NotifyState::Stopping]);
+        }
+    });
     tracing::info!(
         socket = %socket.display(),
         lmstudio = %config.lmstudio.url,
         budget_bytes = settings.budget_bytes,
         "lmsd ready"
     );
-    server::serve(
-        listener,
-        ctx,
-        config.server.max_connections,
-        config.server.shutdown_grace,
-        shutdown,
-    )
-    .await;
+    service::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    let options = server::ServeOptions {
+        max_connections: config.server.max_connections,
+        grace: config.server.shutdown_grace,
+        peers: server::PeerPolicy {
+            own_uid: rustix::process::geteuid().as_raw(),
+            allow_uids: config.server.allow_uids.clone(),
+            allow_gid: config.server.allow_gid,
+        },
+    };
+    server::serve(listener, ctx, options, shutdown).await;
     // The pool outlives the server so that draining requests can still finish their chats.
+    if reloader.running().await.pool.unload_on_exit {
+        match tokio::time::timeout(UNLOAD_ON_EXIT_LIMIT, pool.unload_own()).await {
+            Ok(Ok(outcome)) => tracing::info!(unloaded = ?outcome.unloaded, "unloaded on exit"),
+            Ok(Err(error)) => tracing::warn!(%error, "unload on exit failed"),
+            Err(_) => tracing::warn!("unload on exit did not finish in time"),
+        }
+    }
     pool_shutdown.cancel();
     let _ = pool_task.await;
+    side_tasks.close();
+    drop(reloader);
     tracing::info!("lmsd stopped");
     Ok(())
 }

@@ -74,14 +74,55 @@ pub fn bind(path: &Path) -> Result<Listener, BindError> {
         .map_err(listen_error)
 }
 
+/// Who may use the daemon: its own user, and the users and group the config allows.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    pub own_uid: u32,
+    pub allow_uids: Vec<u32>,
+    pub allow_gid: Option<u32>,
+}
+
+impl PeerPolicy {
+    /// Checks the connecting process's credentials (SO_PEERCRED); `Err` says why it is refused.
+    fn check(&self, stream: &Stream) -> Result<(), String> {
+        let creds = stream
+            .peer_creds()
+            .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        let uid = creds.euid().ok_or("the peer's user is unknown")?;
+        let in_group = self.allow_gid.is_some_and(|gid| {
+            creds.egid() == Some(gid) || creds.groups().is_some_and(|groups| groups.contains(&gid))
+        });
+        if uid == self.own_uid || self.allow_uids.contains(&uid) || in_group {
+            Ok(())
+        } else {
+            Err(format!(
+                "user {uid} may not use this lmsd (it serves user {}); add the uid to [server] allow_uids to allow it",
+                self.own_uid
+            ))
+        }
+    }
+}
+
+/// How the server runs: limits, drain time and who may connect.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub max_connections: usize,
+    pub grace: Duration,
+    pub peers: PeerPolicy,
+}
+
 /// Accepts connections until `shutdown`, then lets open requests finish for up to `grace`.
 pub async fn serve(
     listener: Listener,
     ctx: Context,
-    max_connections: usize,
-    grace: Duration,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) {
+    let ServeOptions {
+        max_connections,
+        grace,
+        peers,
+    } = options;
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -102,6 +143,19 @@ pub async fn serve(
                 }
             },
         };
+        if let Err(reason) = peers.check(&stream) {
+            tracing::warn!(%reason, "connection refused");
+            connections.spawn(async move {
+                let (_, mut write) = tokio::io::split(stream);
+                let refusal =
+                    Reply::error(None, WireError::new(ErrorCode::PermissionDenied, reason));
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), write_line(&mut write, &refusal))
+                        .await;
+                drop(slot);
+            });
+            continue;
+        }
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
@@ -210,6 +264,12 @@ async fn dispatch(ctx: &Context, envelope: Envelope, replies: &mpsc::Sender<Repl
     let outcome = match request {
         Request::Status => tasks::status(ctx).await.map(Outcome::Status),
         Request::Pin(pin) => tasks::pin(ctx, pin.model, true).await.map(Outcome::Pin),
+        Request::Reload => {
+            return match ctx.reloader.reload().await {
+                Ok(outcome) => Reply::result(id, Outcome::Reload(outcome)),
+                Err(message) => Reply::error(Some(id), WireError::bad_request(message)),
+            }
+        }
         Request::Unpin(pin) => tasks::pin(ctx, pin.model, false).await.map(Outcome::Pin),
         Request::Models => tasks::models(ctx).await.map(Outcome::Models),
         Request::Load(load) => tasks::load(ctx, load).await.map(Outcome::Load),

@@ -46,7 +46,9 @@ impl TaskError {
             }
             TaskError::Pool(PoolError::NotFound { .. }) => ErrorCode::ModelNotFound,
             TaskError::Pool(PoolError::BudgetExceeded { .. }) => ErrorCode::BudgetExceeded,
-            TaskError::Pool(PoolError::Pinned { .. }) => ErrorCode::BadRequest,
+            TaskError::Pool(PoolError::Pinned { .. } | PoolError::Config(_)) => {
+                ErrorCode::BadRequest
+            }
             TaskError::Pool(PoolError::ShuttingDown) => ErrorCode::ShuttingDown,
             TaskError::Pool(PoolError::UnloadNotVerified { .. }) | TaskError::EmptyReply { .. } => {
                 ErrorCode::BackendError
@@ -61,6 +63,7 @@ impl TaskError {
 pub struct Context {
     pub lmstudio: LmStudio,
     pub pool: PoolHandle,
+    pub reloader: std::sync::Arc<crate::service::Reloader>,
     pub started: Instant,
     pub simulated: bool,
 }

@@ -22,6 +22,8 @@ pub enum ErrorCode {
     BudgetExceeded,
     /// The daemon is stopping and takes no new work.
     ShuttingDown,
+    /// The connecting user may not use this daemon (`[server] allow_uids` / `allow_gid`).
+    PermissionDenied,
     /// A bug in lmsd; the message says what happened.
     Internal,
     /// A code this client does not know yet (sent by a newer daemon).
@@ -41,6 +43,7 @@ impl ErrorCode {
             ErrorCode::OutOfMemory => "out_of_memory",
             ErrorCode::BudgetExceeded => "budget_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -89,6 +92,7 @@ mod tests {
             ErrorCode::OutOfMemory,
             ErrorCode::BudgetExceeded,
             ErrorCode::ShuttingDown,
+            ErrorCode::PermissionDenied,
             ErrorCode::Internal,
         ] {
             let json = serde_json::to_string(&code).unwrap();

@@ -34,6 +34,8 @@ pub enum Request {
     Pin(PinRequest),
     /// Let a pinned model be evicted and expire again.
     Unpin(PinRequest),
+    /// Re-read the config file and apply what can change live (as SIGHUP does).
+    Reload,
 }
 
 /// `{"type":"pin", "model":"qwen/qwen3-4b"}`.
@@ -157,6 +159,19 @@ pub enum Outcome {
     Unload(UnloadOutcome),
     Chat(ChatOutcome),
     Pin(PinOutcome),
+    Reload(ReloadOutcome),
+}
+
+/// What a config reload did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// The config file read, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Sections applied live, e.g. `pool`, `models`, `log.level`.
+    pub applied: Vec<String>,
+    /// Changed settings that take effect only after a restart, e.g. `server.socket`.
+    pub needs_restart: Vec<String>,
 }
 
 /// Streamed progress of a request; `event` names the variant.
@@ -435,7 +450,7 @@ impl Request {
             }
         };
         match self {
-            Request::Status | Request::Models => Ok(()),
+            Request::Status | Request::Models | Request::Reload => Ok(()),
             Request::Load(load) => non_empty("model", &load.model),
             Request::Pin(pin) | Request::Unpin(pin) => non_empty("model", &pin.model),
             Request::Unload(unload) => match (&unload.model, &unload.instance_id) {

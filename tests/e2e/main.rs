@@ -403,7 +403,7 @@ async fn one_daemon_per_socket_and_stale_sockets_are_replaced() {
     assert_eq!(mode(&daemon.socket), 0o600);
     assert_eq!(mode(daemon.socket.parent().unwrap()), 0o700);
 
-    let second = tokio::process::Command::new(lmsd_bin())
+    let second = lmsd_command(daemon.dir.path())
         .args([
             "--socket",
             daemon.socket.to_str().unwrap(),
@@ -425,7 +425,7 @@ async fn one_daemon_per_socket_and_stale_sockets_are_replaced() {
     // A socket left behind by a crashed daemon: bound, never removed, nobody listening.
     let stale = daemon.dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-    let mut replacement = tokio::process::Command::new(lmsd_bin())
+    let mut replacement = lmsd_command(daemon.dir.path())
         .args([
             "--socket",
             stale.to_str().unwrap(),

@@ -254,7 +254,7 @@ async fn pins_that_cannot_fit_are_a_config_error_at_start() {
         ),
     )
     .unwrap();
-    let out = tokio::process::Command::new(lmsd_bin())
+    let out = lmsd_command(dir.path())
         .arg("--config")
         .arg(&config)
         .output()

@@ -20,6 +20,17 @@ pub fn lmsd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lmsd"))
 }
 
+/// `lmsd` with its logs kept in `dir` (not the user's state directory).
+pub fn lmsd_command(dir: &Path) -> Command {
+    let mut command = Command::new(lmsd_bin());
+    command
+        .env("LOGS_DIRECTORY", dir.join("logs"))
+        .env_remove("LMSD_SOCKET")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    command
+}
+
 /// `lmsd-ctl` sits beside `lmsd` in the target directory; `cargo test --workspace` builds both.
 pub fn ctl_bin() -> PathBuf {
     let path = lmsd_bin().with_file_name("lmsd-ctl");
@@ -93,7 +104,8 @@ impl TestDaemon {
             .arg(&config)
             .envs(env.iter().copied())
             .env_remove("LMSD_SOCKET")
-            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG")
+            .env("LOGS_DIRECTORY", dir.path().join("logs"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -35,7 +35,9 @@ struct Instance {
     context_length: u32,
     parallel: u32,
     loaded_by: LoadedBy,
-    ttl: Ttl,
+    /// A TTL set by a task or load request; otherwise the model's or the pool's applies, so a
+    /// config reload changes it.
+    ttl_override: Option<Ttl>,
     in_flight: u32,
     last_used: Instant,
     /// When lmsd put it in the table: a catalogue read that started earlier cannot see it.
@@ -52,7 +54,7 @@ struct Instance {
 struct PendingLoad {
     size_bytes: u64,
     context_length: Option<u32>,
-    ttl: Ttl,
+    ttl_override: Option<Ttl>,
 }
 
 /// Work waiting on the pool's state: served, in order, by `pump`.
@@ -229,6 +231,30 @@ impl Actor {
                 let _ = reply.send(self.pin(model, pinned));
                 return;
             }
+            Command::Reconfigure { settings, reply } => {
+                let _ = reply.send(self.reconfigure(*settings));
+                return;
+            }
+            Command::UnloadOwn { reply } => {
+                let pins = &self.pins;
+                let own: BTreeSet<String> = self
+                    .instances
+                    .iter_mut()
+                    .filter(|i| i.loaded_by == LoadedBy::Lmsd && !pins.contains(&i.model))
+                    .map(|i| {
+                        i.draining = true;
+                        i.id.clone()
+                    })
+                    .collect();
+                let waiting = Waiting::Unload {
+                    request: UnloadRequest::default(),
+                    targets: Some(own),
+                    unloaded: Vec::new(),
+                    rounds: 0,
+                    reply,
+                };
+                (String::new(), None, 0, waiting)
+            }
             Command::Acquire { model, ttl, reply } => (model, ttl, 0, Waiting::Acquire(reply)),
             // Loads, unloads and listings act on a catalogue read after they arrived, so an
             // instance loaded outside lmsd a moment ago is seen.
@@ -286,6 +312,35 @@ impl Actor {
         Ok(PinOutcome { model, pinned })
     }
 
+    fn reconfigure(&mut self, settings: PoolSettings) -> Result<(), PoolError> {
+        if self.reachable {
+            settings
+                .check_pins(&self.catalogue)
+                .map_err(|e| PoolError::Config(e.to_string()))?;
+        }
+        let config_pins = |s: &PoolSettings| -> BTreeSet<String> {
+            s.models
+                .iter()
+                .filter(|(_, m)| m.pinned)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        // Pins made at run time stay; pins the old config made follow the new config.
+        let runtime_pins: BTreeSet<String> = self
+            .pins
+            .difference(&config_pins(&self.settings))
+            .cloned()
+            .collect();
+        self.pins = runtime_pins
+            .union(&config_pins(&settings))
+            .cloned()
+            .collect();
+        self.pins_blocked.clear();
+        self.settings = settings;
+        tracing::info!(budget_bytes = self.settings.budget_bytes, idle_ttl = %self.settings.idle_ttl, pins = ?self.pins, "pool settings applied");
+        Ok(())
+    }
+
     fn release(&mut self, id: &str) {
         if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
             instance.in_flight = instance.in_flight.saturating_sub(1);
@@ -318,7 +373,12 @@ impl Actor {
         seq
     }
 
-    fn start_load(&mut self, model: &Model, request: Option<&LoadRequest>, ttl: Ttl) {
+    fn start_load(
+        &mut self,
+        model: &Model,
+        request: Option<&LoadRequest>,
+        ttl_override: Option<Ttl>,
+    ) {
         let configured = self
             .settings
             .models
@@ -350,7 +410,7 @@ impl Actor {
             PendingLoad {
                 size_bytes: model.size_bytes,
                 context_length: body.context_length,
-                ttl,
+                ttl_override,
             },
         );
         let lmstudio = self.lmstudio.clone();
@@ -472,7 +532,7 @@ impl Actor {
         now: Instant,
     ) {
         tracing::info!(model, instance = %reply.instance_id, load_ms = took.as_millis() as u64, "loaded");
-        let ttl = pending.as_ref().map_or(self.settings.idle_ttl, |p| p.ttl);
+        let ttl_override = pending.as_ref().and_then(|p| p.ttl_override);
         let context_length = reply
             .load_config
             .and_then(|c| c.context_length)
@@ -486,7 +546,7 @@ impl Actor {
             .find(|i| i.id == reply.instance_id)
         {
             known.loaded_by = LoadedBy::Lmsd;
-            known.ttl = ttl;
+            known.ttl_override = ttl_override;
             known.load_time = took;
         } else {
             self.instances.push(Instance {
@@ -496,7 +556,7 @@ impl Actor {
                 context_length,
                 parallel: DEFAULT_PARALLEL,
                 loaded_by: LoadedBy::Lmsd,
-                ttl,
+                ttl_override,
                 in_flight: 0,
                 last_used: now,
                 added_at: now,
@@ -626,7 +686,7 @@ impl Actor {
                     context_length: listed.config.context_length,
                     parallel: listed.config.parallel.unwrap_or(DEFAULT_PARALLEL).max(1),
                     loaded_by: LoadedBy::Outside,
-                    ttl: self.settings.idle_ttl,
+                    ttl_override: None,
                     in_flight: 0,
                     last_used: now,
                     added_at: now,
@@ -655,6 +715,14 @@ impl Actor {
         resident + loading
     }
 
+    /// The TTL in force for an instance of `model`: a task's or load's own, else the model's,
+    /// else the pool's.
+    fn ttl_for(&self, model: &str, ttl_override: Option<Ttl>) -> Ttl {
+        ttl_override
+            .or_else(|| self.settings.models.get(model).and_then(|m| m.ttl))
+            .unwrap_or(self.settings.idle_ttl)
+    }
+
     fn residents(&self) -> Vec<Resident> {
         self.instances
             .iter()
@@ -666,7 +734,7 @@ impl Actor {
                 pinned: self.pins.contains(&i.model),
                 managed: i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external,
                 leaving: i.unloading.is_some() || i.draining,
-                ttl: i.ttl,
+                ttl: self.ttl_for(&i.model, i.ttl_override),
                 last_used: i.last_used,
                 load_time: i.load_time,
                 uses: i.uses,
@@ -727,23 +795,19 @@ impl Actor {
         if !self.reachable {
             return;
         }
-        let mut wanted: Vec<(String, Ttl)> = self
-            .pins
-            .iter()
-            .map(|key| (key.clone(), Ttl::Never))
-            .collect();
+        let mut wanted: Vec<String> = self.pins.iter().cloned().collect();
         if !self.preloaded {
             self.preloaded = true;
-            for (key, config) in self
+            for (key, _) in self
                 .settings
                 .models
                 .iter()
                 .filter(|(_, m)| m.preload && !m.pinned)
             {
-                wanted.push((key.clone(), config.ttl.unwrap_or(self.settings.idle_ttl)));
+                wanted.push(key.clone());
             }
         }
-        for (key, ttl) in wanted {
+        for key in wanted {
             let resident = self
                 .instances
                 .iter()
@@ -757,7 +821,7 @@ impl Actor {
             match self.fit(&model, now) {
                 Fit::Fits => {
                     self.pins_blocked.remove(&key);
-                    self.start_load(&model, None, ttl);
+                    self.start_load(&model, None, None);
                 }
                 Fit::Evict(victims) => {
                     for id in victims {
@@ -918,9 +982,6 @@ impl Actor {
         };
         match self.fit(model, now) {
             Fit::Fits => {
-                let ttl = ttl
-                    .or_else(|| self.settings.models.get(&model.key).and_then(|m| m.ttl))
-                    .unwrap_or(self.settings.idle_ttl);
                 self.start_load(model, request, ttl);
                 None
             }
@@ -1003,8 +1064,8 @@ impl Actor {
         };
         instance.in_flight += 1;
         instance.uses += 1;
-        if let Some(ttl) = ttl {
-            instance.ttl = ttl;
+        if ttl.is_some() {
+            instance.ttl_override = ttl;
         }
         let lease = Lease {
             instance_id: instance.id.clone(),
@@ -1023,8 +1084,8 @@ impl Actor {
             .find(|i| i.model == request.model && i.unloading.is_none() && !i.draining);
         match instance {
             Some(instance) => {
-                if let Some(ttl) = request.ttl {
-                    instance.ttl = ttl;
+                if request.ttl.is_some() {
+                    instance.ttl_override = request.ttl;
                 }
                 instance.last_used = Instant::now();
                 LoadOutcome {
@@ -1065,6 +1126,7 @@ impl Actor {
                     (false, _) => InstanceState::Busy,
                 };
                 let expires = managed && !pinned && i.in_flight == 0;
+                let ttl = self.ttl_for(&i.model, i.ttl_override);
                 InstanceStatus {
                     instance_id: i.id.clone(),
                     model: i.model.clone(),
@@ -1074,8 +1136,8 @@ impl Actor {
                     state,
                     in_flight: i.in_flight,
                     idle_s: idle.as_secs(),
-                    ttl: i.ttl,
-                    ttl_left_s: i.ttl.left(idle).filter(|_| expires).map(|d| d.as_secs()),
+                    ttl,
+                    ttl_left_s: ttl.left(idle).filter(|_| expires).map(|d| d.as_secs()),
                     pinned,
                     loaded_by: i.loaded_by,
                 }
@@ -1091,7 +1153,7 @@ impl Actor {
                 state: InstanceState::Loading,
                 in_flight: 0,
                 idle_s: 0,
-                ttl: load.ttl,
+                ttl: self.ttl_for(key, load.ttl_override),
                 ttl_left_s: None,
                 pinned: self.pins.contains(key),
                 loaded_by: LoadedBy::Lmsd,

@@ -94,6 +94,8 @@ pub enum PoolError {
     Pinned { model: String },
     #[error("lmsd is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    Config(String),
 }
 
 fn holders_text(holders: &[String], waited: bool) -> String {
@@ -165,6 +167,13 @@ enum Command {
         reply: oneshot::Sender<PoolStatus>,
     },
     RefreshSoon,
+    Reconfigure {
+        settings: Box<PoolSettings>,
+        reply: Reply<()>,
+    },
+    UnloadOwn {
+        reply: Reply<UnloadOutcome>,
+    },
 }
 
 /// Cheap, cloneable access to the pool actor.
@@ -183,6 +192,8 @@ impl std::fmt::Debug for Command {
             Command::Models { .. } => "Models",
             Command::Status { .. } => "Status",
             Command::RefreshSoon => "RefreshSoon",
+            Command::Reconfigure { .. } => "Reconfigure",
+            Command::UnloadOwn { .. } => "UnloadOwn",
         })
     }
 }
@@ -233,6 +244,19 @@ impl PoolHandle {
             .await
             .map_err(|_| PoolError::ShuttingDown)?;
         answer.await.map_err(|_| PoolError::ShuttingDown)
+    }
+
+    /// Applies new settings (a config reload). Pins that cannot fit are refused; the old
+    /// settings then stay.
+    pub async fn reconfigure(&self, settings: PoolSettings) -> Result<(), PoolError> {
+        let settings = Box::new(settings);
+        self.ask(|reply| Command::Reconfigure { settings, reply })
+            .await
+    }
+
+    /// Unloads the unpinned instances lmsd loaded (for `[pool] unload_on_exit`).
+    pub async fn unload_own(&self) -> Result<UnloadOutcome, PoolError> {
+        self.ask(|reply| Command::UnloadOwn { reply }).await
     }
 
     /// After a backend error: re-read the catalogue soon, without waiting for it.
