@@ -86,7 +86,7 @@ pub async fn run(
         }
     }
     let socket = config.socket_path();
-    let listener = server::bind(&socket)?;
+    let listener = server::bind(&socket, config.server.socket.is_none())?;
     let pool_shutdown = CancellationToken::new();
     let (pool, pool_task) = pool::spawn(lmstudio.clone(), settings.clone(), pool_shutdown.clone());
     let reloader = Arc::new(service::Reloader::new(

@@ -34,11 +34,15 @@ pub enum BindError {
     Dir { path: PathBuf, source: io::Error },
     #[error("cannot listen on {path}: {source}")]
     Listen { path: PathBuf, source: io::Error },
+    #[error("the socket directory {0} is not private (it must be owned by this user, mode 0700); remove it or choose another --socket")]
+    DirNotPrivate(PathBuf),
 }
 
 /// Binds the socket at `path`, in a 0700 directory (when lmsd creates it) with mode 0600. A stale
-/// socket left by a crashed daemon is replaced; a live one is not.
-pub fn bind(path: &Path) -> Result<Listener, BindError> {
+/// socket left by a crashed daemon is replaced; a live one is not. With `private_dir` (the
+/// default location, in a shared `/tmp` on some systems) the directory must be this user's alone,
+/// so that nobody can put a socket of theirs where clients look for lmsd's.
+pub fn bind(path: &Path, private_dir: bool) -> Result<Listener, BindError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -48,6 +52,17 @@ pub fn bind(path: &Path) -> Result<Listener, BindError> {
                 path: dir.to_owned(),
                 source,
             })?;
+        if private_dir {
+            use std::os::unix::fs::MetadataExt;
+            let metadata = std::fs::metadata(dir).map_err(|source| BindError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            if metadata.uid() != rustix::process::geteuid().as_raw() || metadata.mode() & 0o077 != 0
+            {
+                return Err(BindError::DirNotPrivate(dir.to_owned()));
+            }
+        }
     }
     if let Ok(metadata) = std::fs::symlink_metadata(path) {
         if !metadata.file_type().is_socket() {

@@ -80,7 +80,7 @@ pub fn changes(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     keys.into_iter()
         .filter(|key| old.get(*key) != new.get(*key))
-        .map(|key| key.clone())
+        .cloned()
         .partition(|key| LIVE.iter().any(|live| key.starts_with(live)))
 }
 

@@ -69,7 +69,19 @@ impl Client {
             id: id.clone(),
             request,
         };
-        write_line(&mut self.writer, &envelope).await?;
+        if let Err(error) = write_line(&mut self.writer, &envelope).await {
+            // A daemon that refuses a connection writes why and closes before reading.
+            if let Ok(Some(Frame::Line(line))) = self.reader.next_frame().await {
+                if let Ok(Reply {
+                    body: ReplyBody::Error { error },
+                    ..
+                }) = serde_json::from_slice(&line)
+                {
+                    return Err(ClientError::Remote(error));
+                }
+            }
+            return Err(error.into());
+        }
         loop {
             let line = match self.reader.next_frame().await? {
                 Some(Frame::Line(line)) => line,

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-/// `$XDG_RUNTIME_DIR/lmsd/lmsd.sock`, or `<temp dir>/lmsd-<uid>/lmsd.sock` where there is no
-/// runtime dir (macOS, plain shells). Both live in a directory only the user can enter.
+/// `$XDG_RUNTIME_DIR/lmsd/lmsd.sock`, or `/tmp/lmsd-<uid>/lmsd.sock` where there is no runtime
+/// dir (macOS, plain shells). Both live in a directory only the user can enter. `/tmp` rather
+/// than `$TMPDIR`: a launchd agent and a shell see different `$TMPDIR`s on macOS.
 pub fn default_socket_path() -> PathBuf {
     runtime_dir().join("lmsd.sock")
 }
@@ -12,7 +13,7 @@ pub fn default_socket_path() -> PathBuf {
 pub fn runtime_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("lmsd"),
-        _ => std::env::temp_dir().join(format!("lmsd-{}", rustix::process::getuid().as_raw())),
+        _ => PathBuf::from("/tmp").join(format!("lmsd-{}", rustix::process::getuid().as_raw())),
     }
 }
 

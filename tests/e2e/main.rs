@@ -1,7 +1,10 @@
 //! End-to-end tests: the real `lmsd` binary on a temp socket against the LM Studio simulator,
 //! driven through `lmsd-ctl` and raw protocol lines.
+// Helpers here are test code too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 mod pool;
+mod service;
 mod support;
 
 use std::time::Duration;

@@ -78,6 +78,15 @@ pub struct TestDaemon {
     pub child: Child,
     pub socket: PathBuf,
     pub dir: TempDir,
+    url: String,
+}
+
+/// The fixture's config: a temp socket and `server_extra` in `[server]`; a fast poll and short
+/// timeouts in `[lmstudio]`; then `extra`.
+fn config_text(socket: &Path, url: &str, server_extra: &str, extra: &str) -> String {
+    format!(
+        "[server]\nsocket = {socket:?}\nshutdown_grace = \"5s\"\n{server_extra}\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{extra}\n"
+    )
 }
 
 impl TestDaemon {
@@ -89,16 +98,21 @@ impl TestDaemon {
     /// As `start`, with `extra` config text appended after the `[lmstudio]` section (more
     /// `[lmstudio]` keys, then other sections) and environment variables.
     pub async fn start_with(url: &str, extra: &str, env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_configured(url, "", extra, env).await
+    }
+
+    /// As `start_with`, with `server_extra` keys in the `[server]` section.
+    pub async fn start_configured(
+        url: &str,
+        server_extra: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run/lmsd.sock");
         let config = dir.path().join("lmsd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nsocket = {socket:?}\nshutdown_grace = \"5s\"\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{extra}\n"
-            ),
-        )
-        .expect("write config");
+        std::fs::write(&config, config_text(&socket, url, server_extra, extra))
+            .expect("write config");
         let child = Command::new(lmsd_bin())
             .arg("--config")
             .arg(&config)
@@ -108,13 +122,65 @@ impl TestDaemon {
             .env("LOGS_DIRECTORY", dir.path().join("logs"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("lmsd starts");
-        let daemon = TestDaemon { child, socket, dir };
+        let daemon = TestDaemon {
+            child,
+            socket,
+            dir,
+            url: url.to_owned(),
+        };
         daemon.wait_ready().await;
         daemon
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("lmsd.toml")
+    }
+
+    /// Replaces the config file, as `start_configured` writes it.
+    pub fn rewrite_config(&self, server_extra: &str, extra: &str) {
+        std::fs::write(
+            self.config_path(),
+            config_text(&self.socket, &self.url, server_extra, extra),
+        )
+        .expect("rewrite config");
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, …) to the daemon.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Everything in the daemon's log files so far.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("logs")) {
+            for entry in entries.flatten() {
+                text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        text
+    }
+
+    /// Waits until the log files contain `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !self.logs().contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the log never said {needle:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn wait_ready(&self) {
@@ -193,11 +259,7 @@ impl TestDaemon {
 
     /// Sends SIGTERM and returns the exit code.
     pub async fn terminate(mut self) -> Option<i32> {
-        let pid = self.child.id().expect("running");
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill runs");
+        self.signal("TERM");
         let status = tokio::time::timeout(PATIENCE, self.child.wait())
             .await
             .expect("lmsd exits in time")
