@@ -1,15 +1,18 @@
 //! `lmsd-ctl`: parse the command line, send one request to lmsd, print the answer.
 
+mod calllog;
 mod output;
+mod selftest;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use lmsd_proto::{
-    ChatRequest, Client, ClientError, ErrorCode, Event, LoadRequest, PinRequest, Request, Ttl,
-    UnloadRequest,
+    CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, ErrorCode, Event, LoadRequest,
+    Needs, PinRequest, Priority, Request, SessionsRequest, TaskOptions, Ttl, UnloadRequest,
+    WireDuration,
 };
 
 const EXIT_CODES: &str = "\
@@ -21,13 +24,17 @@ Exit codes:
   4  lmsd rejected the request (bad_request, unsupported_version)
   5  LM Studio is unreachable (backend_unreachable)
   6  LM Studio answered with an error (backend_error)
-  7  no such model or instance (model_not_found)
+  7  no such model or instance, or none meets the needs (model_not_found)
   8  LM Studio ran out of memory loading the model (out_of_memory)
   9  lmsd is shutting down (shutting_down)
-  10  the model does not fit in lmsd's memory budget (budget_exceeded)
- 11  this user may not use that lmsd (permission_denied)";
+ 10  the model does not fit in lmsd's memory budget (budget_exceeded)
+ 11  this user may not use that lmsd (permission_denied)
+ 12  lmsd's queue is full (queue_full)
+ 13  the task's deadline passed (deadline_exceeded)
+ 14  the task was cancelled (cancelled)";
 
-/// Command line for lmsd, the LM Studio lifecycle daemon.
+/// Command line for lmsd, the LM Studio lifecycle daemon: run tasks on local models, manage
+/// what is loaded, and see what lmsd is doing.
 #[derive(Debug, Parser)]
 #[command(version, after_help = EXIT_CODES)]
 struct Cli {
@@ -43,7 +50,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show the daemon, LM Studio's reachability and the loaded instances.
+    /// Show the daemon, LM Studio's reachability, memory and the loaded instances.
     Status,
     /// List LM Studio's models.
     Models,
@@ -68,6 +75,18 @@ enum Command {
         #[arg(long)]
         pin: bool,
     },
+    /// Unload every instance of a model key (or one instance id, or all), and verify they are gone.
+    Unload {
+        /// Model key, or an instance id such as `qwen/qwen3-4b:2`.
+        #[arg(required_unless_present = "all")]
+        key: Option<String>,
+        /// Treat KEY as an instance id only.
+        #[arg(long, conflicts_with = "all")]
+        instance: bool,
+        /// Unload every instance except pinned ones.
+        #[arg(long)]
+        all: bool,
+    },
     /// Keep a model loaded always: loaded now if needed, reloaded if anything unloads it.
     Pin {
         /// Model key.
@@ -78,106 +97,145 @@ enum Command {
         /// Model key.
         key: String,
     },
+    /// Run one chat task and print the answer.
+    Chat(ChatArgs),
+    /// Embed texts and print one JSON array of numbers per line.
+    Embed {
+        /// An embedding model's key, or `auto`.
+        model: String,
+        /// Texts to embed; `-` reads one text per line from standard input.
+        #[arg(required = true)]
+        texts: Vec<String>,
+        #[command(flatten)]
+        queue: QueueArgs,
+    },
+    /// List queued and running tasks.
+    Tasks,
+    /// Cancel a queued or running task by its id (`lmsd-ctl tasks` shows them).
+    Cancel { task_id: String },
+    /// List stateful sessions (`sessions forget NAME` drops one).
+    Sessions {
+        #[command(subcommand)]
+        action: Option<SessionsAction>,
+    },
+    /// Check the whole path: health, load, chat, unload, verify unloaded. Exits non-zero on the
+    /// first failing step.
+    Selftest {
+        /// Model to test with [default: the smallest LLM].
+        model: Option<String>,
+    },
     /// Re-read lmsd's config file and apply what can change live (as SIGHUP does).
     Reload,
-    /// Unload every instance of a model key (or one instance id), and verify they are gone.
-    Unload {
-        /// Model key, or an instance id such as `qwen/qwen3-4b:2`.
-        key: String,
-        /// Treat KEY as an instance id only.
-        #[arg(long)]
-        instance: bool,
-    },
-    /// Run one chat turn and print the answer.
-    Chat {
-        /// Model key or loaded instance id.
-        model: String,
-        /// The task text; `-` reads it from standard input.
-        task: String,
-        #[arg(long)]
-        temperature: Option<f64>,
-        #[arg(long)]
-        max_output_tokens: Option<u32>,
-        /// Continue the conversation from this response (`resp_…`).
-        #[arg(long)]
-        previous_response_id: Option<String>,
-        /// System prompt.
-        #[arg(long)]
-        system: Option<String>,
-        /// Print the answer as it is generated.
-        #[arg(long)]
-        stream: bool,
-        /// Idle TTL of the instance after this task: "90s", "15m", "0" or "never".
-        #[arg(long)]
-        ttl: Option<Ttl>,
-    },
 }
 
-impl Command {
-    fn into_request(self) -> std::io::Result<Request> {
-        Ok(match self {
-            Command::Status => Request::Status,
-            Command::Reload => Request::Reload,
-            Command::Models => Request::Models,
-            Command::Load {
-                key,
-                context_length,
-                eval_batch_size,
-                flash_attention,
-                num_experts,
-                offload_kv_cache_to_gpu,
-                ttl,
-                pin,
-            } => Request::Load(LoadRequest {
-                model: key,
-                context_length,
-                eval_batch_size,
-                flash_attention,
-                num_experts,
-                offload_kv_cache_to_gpu,
-                ttl,
-                pin,
-            }),
-            Command::Pin { key } => Request::Pin(PinRequest { model: key }),
-            Command::Unpin { key } => Request::Unpin(PinRequest { model: key }),
-            Command::Unload { key, instance } => Request::Unload(if instance {
-                UnloadRequest {
-                    model: None,
-                    instance_id: Some(key),
-                }
-            } else {
-                UnloadRequest {
-                    model: Some(key),
-                    instance_id: None,
-                }
-            }),
-            Command::Chat {
-                model,
-                task,
-                temperature,
-                max_output_tokens,
-                previous_response_id,
-                system,
-                stream,
-                ttl,
-            } => {
-                let input = if task == "-" {
-                    std::io::read_to_string(std::io::stdin())?
-                } else {
-                    task
-                };
-                Request::Chat(ChatRequest {
-                    model,
-                    input,
-                    system_prompt: system,
-                    temperature,
-                    max_output_tokens,
-                    previous_response_id,
-                    stream,
-                    ttl,
-                })
-            }
-        })
+#[derive(Debug, Subcommand)]
+enum SessionsAction {
+    /// Drop a session: its next task starts a new conversation.
+    Forget { name: String },
+}
+
+/// Queueing options every task takes.
+#[derive(Debug, Args)]
+struct QueueArgs {
+    /// interactive, normal or batch.
+    #[arg(long, default_value = "normal")]
+    priority: Priority,
+    /// Deadline from submission, e.g. "30s", "5m" [default: lmsd's [tasks] default_timeout].
+    #[arg(long)]
+    timeout: Option<WireDuration>,
+}
+
+#[derive(Debug, Args)]
+struct ChatArgs {
+    /// Model key, loaded instance id, or `auto` (chosen by the needs below).
+    model: String,
+    /// The task text; `-` reads it from standard input.
+    task: String,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    max_output_tokens: Option<u32>,
+    /// Continue the conversation from this response (`resp_…`).
+    #[arg(long)]
+    previous_response_id: Option<String>,
+    /// Continue the conversation kept by lmsd (session "default", or --session).
+    #[arg(long)]
+    stateful: bool,
+    /// Continue the conversation kept under this name (implies --stateful).
+    #[arg(long, value_name = "NAME")]
+    session: Option<String>,
+    /// Unload the instance once it is idle after this task.
+    #[arg(long, conflicts_with = "keep")]
+    unload_after: bool,
+    /// Keep the instance loaded after this task.
+    #[arg(long)]
+    keep: bool,
+    /// Idle TTL of the instance after this task: "90s", "15m", "0" or "never".
+    #[arg(long, conflicts_with_all = ["keep", "unload_after"])]
+    ttl: Option<Ttl>,
+    /// With `auto`: the model must handle images.
+    #[arg(long)]
+    vision: bool,
+    /// With `auto`: the model must reason.
+    #[arg(long)]
+    reasoning: bool,
+    /// With `auto`: the model's context must hold at least this many tokens.
+    #[arg(long, value_name = "TOKENS")]
+    min_context: Option<u32>,
+    /// Models to prefer (with `auto`) or fall back to, in order; repeatable.
+    #[arg(long, value_name = "KEY")]
+    prefer: Vec<String>,
+    /// Context length to load the model with, if this task loads it.
+    #[arg(long)]
+    context_length: Option<u32>,
+    #[command(flatten)]
+    queue: QueueArgs,
+    /// Print the answer as it is generated.
+    #[arg(long)]
+    stream: bool,
+    /// Append one JSON line per call to this file: time, model, instance, usage, timings,
+    /// outcome (not the prompt or answer, unless --log-content).
+    #[arg(long, value_name = "PATH")]
+    log: Option<PathBuf>,
+    /// Put the prompt and the answer in the --log line too.
+    #[arg(long, requires = "log")]
+    log_content: bool,
+}
+
+fn read_stdin() -> std::io::Result<String> {
+    std::io::read_to_string(std::io::stdin())
+}
+
+impl ChatArgs {
+    fn into_request(self, input: String) -> ChatRequest {
+        let session = self.session.or(self.stateful.then(|| "default".to_owned()));
+        ChatRequest {
+            model: self.model,
+            input,
+            system_prompt: self.system,
+            temperature: self.temperature,
+            max_output_tokens: self.max_output_tokens,
+            previous_response_id: self.previous_response_id,
+            stream: self.stream,
+            ttl: self.ttl,
+            session,
+            unload_after: self.unload_after,
+            keep: self.keep,
+            context_length: self.context_length,
+            options: TaskOptions {
+                priority: self.queue.priority,
+                timeout: self.queue.timeout,
+                needs: Needs {
+                    vision: self.vision,
+                    reasoning: self.reasoning,
+                    min_context: self.min_context,
+                },
+                prefer: self.prefer,
+            },
+        }
     }
 }
 
@@ -194,9 +252,22 @@ fn exit_code(error: &ClientError) -> u8 {
             ErrorCode::ShuttingDown => 9,
             ErrorCode::BudgetExceeded => 10,
             ErrorCode::PermissionDenied => 11,
+            ErrorCode::QueueFull => 12,
+            ErrorCode::DeadlineExceeded => 13,
+            ErrorCode::Cancelled => 14,
             ErrorCode::Internal | ErrorCode::Unknown => 1,
         },
     }
+}
+
+fn fail(error: &ClientError, json: bool) -> ExitCode {
+    if json {
+        if let ClientError::Remote(wire) = error {
+            println!("{}", serde_json::json!({ "type": "error", "error": wire }));
+        }
+    }
+    eprintln!("lmsd-ctl: {error}");
+    ExitCode::from(exit_code(error))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -206,11 +277,100 @@ async fn main() -> ExitCode {
         .socket
         .unwrap_or_else(lmsd_proto::paths::default_socket_path);
     let json = cli.json;
-    let request = match cli.command.into_request() {
-        Ok(request) => request,
-        Err(error) => {
-            eprintln!("lmsd-ctl: cannot read the task from standard input: {error}");
-            return ExitCode::from(2);
+    let mut log = None;
+    let request = match cli.command {
+        Command::Selftest { model } => return selftest::run(&socket, model, json).await,
+        Command::Status => Request::Status,
+        Command::Models => Request::Models,
+        Command::Reload => Request::Reload,
+        Command::Tasks => Request::Tasks,
+        Command::Cancel { task_id } => Request::Cancel(CancelRequest { task_id }),
+        Command::Sessions { action } => Request::Sessions(SessionsRequest {
+            forget: action.map(|SessionsAction::Forget { name }| name),
+        }),
+        Command::Pin { key } => Request::Pin(PinRequest { model: key }),
+        Command::Unpin { key } => Request::Unpin(PinRequest { model: key }),
+        Command::Load {
+            key,
+            context_length,
+            eval_batch_size,
+            flash_attention,
+            num_experts,
+            offload_kv_cache_to_gpu,
+            ttl,
+            pin,
+        } => Request::Load(LoadRequest {
+            model: key,
+            context_length,
+            eval_batch_size,
+            flash_attention,
+            num_experts,
+            offload_kv_cache_to_gpu,
+            ttl,
+            pin,
+        }),
+        Command::Unload { key, instance, all } => Request::Unload(match (key, instance) {
+            _ if all => UnloadRequest {
+                all: true,
+                ..UnloadRequest::default()
+            },
+            (key, true) => UnloadRequest {
+                instance_id: key,
+                ..UnloadRequest::default()
+            },
+            (key, false) => UnloadRequest {
+                model: key,
+                ..UnloadRequest::default()
+            },
+        }),
+        Command::Embed {
+            model,
+            texts,
+            queue,
+        } => {
+            let input = if texts == ["-"] {
+                match read_stdin() {
+                    Ok(text) => text
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                    Err(error) => {
+                        eprintln!("lmsd-ctl: cannot read standard input: {error}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                texts
+            };
+            let options = TaskOptions {
+                priority: queue.priority,
+                timeout: queue.timeout,
+                ..TaskOptions::default()
+            };
+            Request::Embed(EmbedRequest {
+                model,
+                input,
+                options,
+            })
+        }
+        Command::Chat(args) => {
+            let input = if args.task == "-" {
+                match read_stdin() {
+                    Ok(text) => text,
+                    Err(error) => {
+                        eprintln!("lmsd-ctl: cannot read the task from standard input: {error}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                args.task.clone()
+            };
+            log = args.log.clone().map(|path| calllog::CallLog {
+                path,
+                content: args.log_content.then(|| input.clone()),
+            });
+            Request::Chat(args.into_request(input))
         }
     };
     let streaming = matches!(&request, Request::Chat(chat) if chat.stream);
@@ -218,34 +378,47 @@ async fn main() -> ExitCode {
         Ok(mut client) => client.call(request, |event| print_event(event, json)).await,
         Err(error) => Err(error),
     };
+    if let Some(log) = &log {
+        if let Err(error) = log.append(&result) {
+            eprintln!("lmsd-ctl: cannot append to {}: {error}", log.path.display());
+        }
+    }
     match result {
         Ok(outcome) => {
             output::print_outcome(&outcome, json, streaming);
             ExitCode::SUCCESS
         }
-        Err(error) => {
-            if json {
-                if let ClientError::Remote(wire) = &error {
-                    println!("{}", serde_json::json!({ "type": "error", "error": wire }));
-                }
-            }
-            eprintln!("lmsd-ctl: {error}");
-            ExitCode::from(exit_code(&error))
-        }
+        Err(error) => fail(&error, json),
     }
 }
 
-/// Streamed events: the answer's text goes to stdout as it comes (or each event as a JSON line).
+/// Streamed events: the answer's text goes to stdout as it comes (or each event as a JSON line);
+/// queue and load progress to stderr, for a person watching.
 fn print_event(event: &Event, json: bool) {
-    let mut stdout = std::io::stdout().lock();
     if json {
+        let mut stdout = std::io::stdout().lock();
         let _ = writeln!(
             stdout,
             "{}",
             serde_json::to_string(event).unwrap_or_default()
         );
-    } else if let Event::Delta { content } = event {
-        let _ = write!(stdout, "{content}");
-        let _ = stdout.flush();
+        return;
+    }
+    match event {
+        Event::Delta { content } => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = write!(stdout, "{content}");
+            let _ = stdout.flush();
+        }
+        Event::Queued { task_id, position } => {
+            eprintln!("lmsd-ctl: task {task_id} queued at position {position}")
+        }
+        Event::Load {
+            model_instance_id,
+            progress,
+        } if *progress == 0.0 => {
+            eprintln!("lmsd-ctl: loading {model_instance_id}…")
+        }
+        Event::Load { .. } | Event::Reasoning { .. } => {}
     }
 }

@@ -1,7 +1,8 @@
 //! Renders results for people (tables, plain text) or for scripts (`--json`: the reply object).
 
 use lmsd_proto::{
-    ChatOutcome, ContentSource, InstanceState, LoadedBy, ModelList, Outcome, StatusReport,
+    ChatOutcome, ContentSource, InstanceState, LoadedBy, ModelList, Outcome, SessionList,
+    StatusReport, TaskList, TaskState,
 };
 
 pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
@@ -24,6 +25,15 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
         Outcome::Chat(chat) => print_chat(chat, streamed),
         Outcome::Pin(pin) if pin.pinned => println!("{} is pinned", pin.model),
         Outcome::Pin(pin) => println!("{} is no longer pinned", pin.model),
+        Outcome::Embed(embed) => {
+            for vector in &embed.embeddings {
+                println!("{}", serde_json::to_string(vector).unwrap_or_default());
+            }
+        }
+        Outcome::Tasks(list) => print_tasks(list),
+        Outcome::Cancel(cancel) if cancel.cancelled => println!("cancelled {}", cancel.task_id),
+        Outcome::Cancel(cancel) => println!("no task {} is queued or running", cancel.task_id),
+        Outcome::Sessions(list) => print_sessions(list),
         Outcome::Reload(reload) => {
             let from = reload
                 .path
@@ -219,6 +229,72 @@ fn print_models(list: &ModelList) {
             "CAPABILITIES",
             "LOADED",
         ],
+        &rows,
+    );
+}
+
+fn print_tasks(list: &TaskList) {
+    if list.tasks.is_empty() {
+        println!("no tasks queued or running");
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.task_id.clone(),
+                format!("{:?}", t.kind).to_lowercase(),
+                t.model.clone(),
+                match t.state {
+                    TaskState::Queued => "queued".into(),
+                    TaskState::Running => "running".into(),
+                },
+                t.instance_id.clone().unwrap_or_else(|| "-".into()),
+                format!("{:?}", t.priority).to_lowercase(),
+                duration(t.age_ms / 1000),
+                duration(t.deadline_ms / 1000),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "TASK",
+            "KIND",
+            "MODEL",
+            "STATE",
+            "INSTANCE",
+            "PRIORITY",
+            "AGE",
+            "DEADLINE IN",
+        ],
+        &rows,
+    );
+}
+
+fn print_sessions(list: &SessionList) {
+    if let Some(name) = &list.forgotten {
+        println!("forgot session {name}");
+    }
+    if list.sessions.is_empty() {
+        println!("no sessions");
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.model.clone(),
+                s.turns.to_string(),
+                duration(s.updated_s_ago),
+                s.response_id.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["SESSION", "MODEL", "TURNS", "LAST USE", "RESPONSE"],
         &rows,
     );
 }

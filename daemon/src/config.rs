@@ -23,6 +23,7 @@ pub struct Config {
     /// Per-model settings, keyed by model key: `[models."qwen/qwen3-4b"]`.
     pub models: BTreeMap<String, ModelConfig>,
     pub tasks: TasksConfig,
+    pub routing: RoutingConfig,
     pub log: LogConfig,
 }
 
@@ -67,6 +68,10 @@ pub struct PoolConfig {
     pub manage_external: bool,
     /// On stop, unload the unpinned instances lmsd loaded.
     pub unload_on_exit: bool,
+    /// After a task ends its instance is not evicted for this long, so an agent's next call
+    /// (after a tool step) finds it warm — unless a task has waited longer than `max_wait`.
+    #[serde(with = "humantime_serde")]
+    pub turn_hold: Duration,
 }
 
 impl Default for PoolConfig {
@@ -77,6 +82,7 @@ impl Default for PoolConfig {
             instance_overhead: ByteCount(0),
             manage_external: false,
             unload_on_exit: false,
+            turn_hold: Duration::from_secs(10),
         }
     }
 }
@@ -101,17 +107,36 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TasksConfig {
-    /// Longest a task waits for memory that busy instances hold before `budget_exceeded`.
+    /// Tasks waiting at most; more get `queue_full`.
+    pub max_queue: usize,
+    /// After waiting this long, a task may make warm models give way (no more turn holds, busy
+    /// instances drain); a load waiting for memory fails with `budget_exceeded` at its deadline.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// Tries on transient LM Studio errors (connection, timeout, 5xx, garbled replies).
+    pub retries: u32,
+    /// A task's deadline when it does not set `timeout`.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
 }
 
 impl Default for TasksConfig {
     fn default() -> Self {
         TasksConfig {
+            max_queue: 1024,
             max_wait: Duration::from_secs(120),
+            retries: 3,
+            default_timeout: Duration::from_secs(600),
         }
     }
+}
+
+/// `[routing]`: how `"model": "auto"` chooses.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Models to prefer, in order, when no loaded or freely fitting model meets the needs.
+    pub prefer: Vec<String>,
 }
 
 /// A byte count written with a unit: `"512MiB"`, `"24GiB"`, `"8 GB"`, or `"0"`.
@@ -228,6 +253,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Where sessions are kept; default `$STATE_DIRECTORY` (systemd), else
+    /// `$XDG_STATE_HOME/lmsd`.
+    pub state_dir: Option<PathBuf>,
     /// Users served besides the daemon's own (by uid, checked on every connection).
     pub allow_uids: Vec<u32>,
     /// A group whose members are served too.
@@ -240,6 +268,7 @@ impl Default for ServerConfig {
             socket: None,
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
+            state_dir: None,
             allow_uids: Vec::new(),
             allow_gid: None,
         }
@@ -375,9 +404,14 @@ impl Config {
                 "[log] keep_files must be at least 1".into(),
             ));
         }
-        if self.tasks.max_wait.is_zero() {
+        if self.tasks.max_wait.is_zero() || self.tasks.default_timeout.is_zero() {
             return Err(ConfigError::Invalid(
-                "[tasks] max_wait must be more than 0".into(),
+                "[tasks] max_wait and default_timeout must be more than 0".into(),
+            ));
+        }
+        if self.tasks.max_queue == 0 || self.tasks.retries == 0 {
+            return Err(ConfigError::Invalid(
+                "[tasks] max_queue and retries must be at least 1".into(),
             ));
         }
         if self.server.max_connections == 0 {
@@ -399,6 +433,16 @@ impl Config {
 
     /// The commented example config that `lmsd --print-default-config` writes.
     pub const EXAMPLE: &'static str = include_str!("../lmsd.example.toml");
+
+    /// The file sessions are kept in.
+    pub fn sessions_file(&self) -> Option<PathBuf> {
+        let dir = self
+            .server
+            .state_dir
+            .clone()
+            .or_else(lmsd_proto::paths::default_state_dir)?;
+        Some(dir.join("sessions.json"))
+    }
 
     /// The socket path in effect.
     pub fn socket_path(&self) -> PathBuf {

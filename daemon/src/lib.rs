@@ -98,6 +98,9 @@ pub async fn run(
     let ctx = tasks::Context {
         lmstudio,
         pool: pool.clone(),
+        config: reloader.subscribe(),
+        registry: Arc::new(tasks::registry::Registry::default()),
+        sessions: Arc::new(tasks::sessions::Sessions::open(config.sessions_file())),
         reloader: reloader.clone(),
         started: Instant::now(),
         simulated: backend == BackendKind::Simulated,

@@ -455,6 +455,38 @@ impl LmStudio {
         self.send(request, self.request_timeout).await
     }
 
+    /// Embeds `input` with an embedding model (a key or an instance id), through LM Studio's
+    /// OpenAI-compatible endpoint. Vectors come back in input order.
+    pub async fn embeddings(
+        &self,
+        model: &str,
+        input: &[String],
+    ) -> Result<Vec<Vec<f64>>, BackendError> {
+        #[derive(Deserialize)]
+        struct Item {
+            embedding: Vec<f64>,
+            #[serde(default)]
+            index: usize,
+        }
+        #[derive(Deserialize)]
+        struct EmbeddingsReply {
+            data: Vec<Item>,
+        }
+        let request = self
+            .http
+            .post(format!("{}/v1/embeddings", self.base))
+            .json(&serde_json::json!({ "model": model, "input": input }));
+        let mut reply: EmbeddingsReply = self.send(request, self.request_timeout).await?;
+        if reply.data.len() != input.len() {
+            return Err(BackendError::Malformed {
+                status: 200,
+                detail: format!("{} embeddings for {} inputs", reply.data.len(), input.len()),
+            });
+        }
+        reply.data.sort_by_key(|item| item.index);
+        Ok(reply.data.into_iter().map(|item| item.embedding).collect())
+    }
+
     /// A streamed chat: SSE events go to `on_event` as they come; the result is `chat.end`'s.
     pub async fn chat_stream<F, Fut>(
         &self,
@@ -655,6 +687,24 @@ mod tests {
 
         let oom = decode_reply::<LoadReply>(500, br#"{"error":{"type":"internal_error","message":"Failed to load model. Error: Model loading was stopped due to insufficient system resources."}}"#).unwrap_err();
         assert!(matches!(oom, BackendError::OutOfMemory { .. }) && !oom.is_transient());
+    }
+
+    #[test]
+    fn parses_the_documented_embeddings_reply() {
+        #[derive(Deserialize)]
+        struct Item {
+            embedding: Vec<f64>,
+        }
+        #[derive(Deserialize)]
+        struct Reply {
+            data: Vec<Item>,
+        }
+        let reply: Reply = decode_reply(
+            200,
+            br#"{"object":"list","data":[{"object":"embedding","embedding":[0.1,-0.2],"index":0}],"model":"text-embedding-nomic-embed-text-v1.5@q4_k_m","usage":{"prompt_tokens":0,"total_tokens":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(reply.data[0].embedding, [0.1, -0.2]);
     }
 
     #[test]

@@ -12,13 +12,14 @@ use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use lmsd_proto::codec::{write_line, Frame, LineReader, MAX_LINE};
 use lmsd_proto::{parse_request, Envelope, ErrorCode, Outcome, Reply, Request, WireError};
-use tokio::io::BufReader;
+use tokio::io::{BufReader, Interest};
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::tasks::{self, Context};
+use crate::tasks::{self, Context, EventSink};
 
 /// Replies waiting to be written on one connection. A client that stops reading holds up only
 /// its own requests.
@@ -171,6 +172,10 @@ pub async fn serve(
             });
             continue;
         }
+        // On unix the local socket is a Unix stream socket: serve it as one, for readiness
+        // checks (has the client hung up?) that the generic type does not offer.
+        let interprocess::local_socket::tokio::Stream::UdSocket(stream) = stream;
+        let stream = UnixStream::from(stream);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
@@ -192,14 +197,32 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection(stream: Stream, ctx: Context, shutdown: CancellationToken) {
-    let (read, mut write) = tokio::io::split(stream);
+/// How often a client that stopped sending is checked for having hung up entirely.
+const HANGUP_CHECK: Duration = Duration::from_millis(200);
+
+/// True when the peer has closed its end completely (not just its sending side).
+fn hung_up(stream: &UnixStream) -> bool {
+    use futures_util::FutureExt;
+    stream
+        .ready(Interest::WRITABLE)
+        .now_or_never()
+        .is_some_and(|ready| ready.map_or(true, |r| r.is_write_closed()))
+}
+
+async fn serve_connection(stream: UnixStream, ctx: Context, shutdown: CancellationToken) {
+    let (read, mut write) = stream.into_split();
     let (replies, mut outbox) = mpsc::channel::<Reply>(REPLY_QUEUE);
-    let writer = tokio::spawn(async move {
-        while let Some(reply) = outbox.recv().await {
-            if let Err(error) = write_line(&mut write, &reply).await {
-                tracing::debug!(%error, "client went away before its reply");
-                break;
+    // Cancelled when the client is gone; its tasks are cancelled with it.
+    let gone = CancellationToken::new();
+    let writer = tokio::spawn({
+        let gone = gone.clone();
+        async move {
+            while let Some(reply) = outbox.recv().await {
+                if let Err(error) = write_line(&mut write, &reply).await {
+                    tracing::debug!(%error, "client went away; cancelling its tasks");
+                    gone.cancel();
+                    break;
+                }
             }
         }
     });
@@ -259,50 +282,75 @@ async fn serve_connection(stream: Stream, ctx: Context, shutdown: CancellationTo
             }
             Ok(envelope) => {
                 let ctx = ctx.clone();
-                let replies = replies.clone();
+                let sink = EventSink {
+                    id: envelope.id.clone(),
+                    replies: replies.clone(),
+                };
+                let cancel = gone.child_token();
                 requests.spawn(async move {
-                    let reply = dispatch(&ctx, envelope, &replies).await;
-                    let _ = replies.send(reply).await;
+                    let reply = dispatch(&ctx, envelope, &sink, cancel).await;
+                    let _ = sink.replies.send(reply).await;
                 });
             }
         }
     }
-    // Requests already accepted still get their answer, even after the client stopped writing.
-    while requests.join_next().await.is_some() {}
+    // The client stopped sending. Accepted requests still get their answers (a client may
+    // half-close and wait), unless it hangs up entirely: then its tasks are cancelled.
+    let mut check = tokio::time::interval(HANGUP_CHECK);
+    loop {
+        tokio::select! {
+            next = requests.join_next() => if next.is_none() { break },
+            _ = check.tick(), if !gone.is_cancelled() => {
+                if hung_up(lines.get_ref().get_ref().as_ref()) {
+                    tracing::debug!("client hung up; cancelling its tasks");
+                    gone.cancel();
+                }
+            }
+        }
+    }
     drop(replies);
     let _ = writer.await;
 }
 
 /// Runs one request to its terminal reply.
-async fn dispatch(ctx: &Context, envelope: Envelope, replies: &mpsc::Sender<Reply>) -> Reply {
+async fn dispatch(
+    ctx: &Context,
+    envelope: Envelope,
+    sink: &EventSink,
+    cancel: CancellationToken,
+) -> Reply {
     let Envelope { id, request, .. } = envelope;
     let outcome = match request {
         Request::Status => tasks::status(ctx).await.map(Outcome::Status),
+        Request::Models => tasks::models(ctx).await.map(Outcome::Models),
+        Request::Load(load) => tasks::load(ctx, load).await.map(Outcome::Load),
+        Request::Unload(unload) => tasks::unload(ctx, unload).await.map(Outcome::Unload),
         Request::Pin(pin) => tasks::pin(ctx, pin.model, true).await.map(Outcome::Pin),
+        Request::Unpin(pin) => tasks::pin(ctx, pin.model, false).await.map(Outcome::Pin),
+        Request::Chat(chat) => tasks::chat(ctx, chat, sink, cancel)
+            .await
+            .map(Outcome::Chat),
+        Request::Embed(embed) => tasks::embed(ctx, embed, sink, cancel)
+            .await
+            .map(Outcome::Embed),
+        Request::Tasks => Ok(Outcome::Tasks(tasks::tasks(ctx))),
+        Request::Cancel(request) => Ok(Outcome::Cancel(tasks::cancel(ctx, request.task_id))),
+        Request::Sessions(request) => Ok(Outcome::Sessions(tasks::sessions(ctx, request.forget))),
         Request::Reload => {
             return match ctx.reloader.reload().await {
                 Ok(outcome) => Reply::result(id, Outcome::Reload(outcome)),
                 Err(message) => Reply::error(Some(id), WireError::bad_request(message)),
             }
         }
-        Request::Unpin(pin) => tasks::pin(ctx, pin.model, false).await.map(Outcome::Pin),
-        Request::Models => tasks::models(ctx).await.map(Outcome::Models),
-        Request::Load(load) => tasks::load(ctx, load).await.map(Outcome::Load),
-        Request::Unload(unload) => tasks::unload(ctx, unload).await.map(Outcome::Unload),
-        Request::Chat(chat) => tasks::chat(ctx, chat, |event| {
-            let event = Reply::event(id.clone(), event);
-            async move {
-                let _ = replies.send(event).await;
-            }
-        })
-        .await
-        .map(Outcome::Chat),
     };
     match outcome {
         Ok(outcome) => Reply::result(id, outcome),
         Err(error) => {
             let wire = error.to_wire();
-            if wire.code == ErrorCode::BackendUnreachable || wire.code == ErrorCode::BackendError {
+            if matches!(
+                wire.code,
+                ErrorCode::BackendUnreachable | ErrorCode::BackendError | ErrorCode::Internal
+            ) {
                 tracing::warn!(request = %id, code = %wire.code, %error, "request failed");
             }
             Reply::error(Some(id), wire)

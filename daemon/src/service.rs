@@ -38,10 +38,11 @@ impl ConfigSource {
 }
 
 /// Settings a reload applies live; every other change waits for a restart.
-const LIVE: [&str; 5] = [
+const LIVE: [&str; 6] = [
     "pool.",
     "models",
     "tasks.",
+    "routing.",
     "log.level",
     "lmstudio.poll_interval",
 ];
@@ -87,6 +88,7 @@ pub fn changes(old: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
 /// Re-reads the config and applies what can change live. Reloads run one at a time.
 pub struct Reloader {
     source: ConfigSource,
+    published: tokio::sync::watch::Sender<std::sync::Arc<Config>>,
     // Held across the pool's reconfigure so two reloads never interleave; nothing else locks it.
     running: tokio::sync::Mutex<Config>,
     pool: PoolHandle,
@@ -110,6 +112,7 @@ impl Reloader {
     ) -> Self {
         Reloader {
             source,
+            published: tokio::sync::watch::Sender::new(std::sync::Arc::new(running.clone())),
             running: tokio::sync::Mutex::new(running),
             pool,
             log_level,
@@ -119,6 +122,11 @@ impl Reloader {
     /// The config in force (live changes applied).
     pub async fn running(&self) -> Config {
         self.running.lock().await.clone()
+    }
+
+    /// Follows the config in force, without waiting on a reload in progress.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<std::sync::Arc<Config>> {
+        self.published.subscribe()
     }
 
     /// Applies the config file's live settings; an invalid file changes nothing.
@@ -143,8 +151,11 @@ impl Reloader {
         running.pool = new.pool;
         running.models = new.models;
         running.tasks = new.tasks;
+        running.routing = new.routing;
         running.log.level = new.log.level;
         running.lmstudio.poll_interval = new.lmstudio.poll_interval;
+        self.published
+            .send_replace(std::sync::Arc::new(running.clone()));
         tracing::info!(?applied, ?needs_restart, "config reloaded");
         Ok(ReloadOutcome {
             path: self.source.path.as_deref().map(|p| p.display().to_string()),

@@ -32,6 +32,11 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
         LineReader { inner, max_line }
     }
 
+    /// The reader underneath.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     /// The next frame, or `None` at end of stream. A last line without `\n` still counts.
     pub async fn next_frame(&mut self) -> std::io::Result<Option<Frame>> {
         let mut line = Vec::new();

@@ -22,6 +22,12 @@ pub enum ErrorCode {
     BudgetExceeded,
     /// The daemon is stopping and takes no new work.
     ShuttingDown,
+    /// lmsd's queue is full (`[tasks] max_queue`); try again later.
+    QueueFull,
+    /// The task's deadline passed (queued, loading or running).
+    DeadlineExceeded,
+    /// The task was cancelled (`cancel`, or its client disconnected).
+    Cancelled,
     /// The connecting user may not use this daemon (`[server] allow_uids` / `allow_gid`).
     PermissionDenied,
     /// A bug in lmsd; the message says what happened.
@@ -44,6 +50,9 @@ impl ErrorCode {
             ErrorCode::BudgetExceeded => "budget_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }
@@ -93,6 +102,9 @@ mod tests {
             ErrorCode::BudgetExceeded,
             ErrorCode::ShuttingDown,
             ErrorCode::PermissionDenied,
+            ErrorCode::QueueFull,
+            ErrorCode::DeadlineExceeded,
+            ErrorCode::Cancelled,
             ErrorCode::Internal,
         ] {
             let json = serde_json::to_string(&code).unwrap();
@@ -103,7 +115,7 @@ mod tests {
 
     #[test]
     fn a_code_from_a_newer_daemon_reads_as_unknown() {
-        let code: ErrorCode = serde_json::from_str("\"queue_full\"").unwrap();
+        let code: ErrorCode = serde_json::from_str("\"rate_limited\"").unwrap();
         assert_eq!(code, ErrorCode::Unknown);
     }
 }

@@ -8,11 +8,15 @@ pub mod codec;
 pub mod error;
 pub mod message;
 pub mod paths;
+pub mod task;
+
 pub mod ttl;
 
 pub use client::{Client, ClientError};
 pub use error::{ErrorCode, WireError};
 pub use message::*;
+pub use task::*;
+
 pub use ttl::Ttl;
 
 /// The protocol version this crate speaks. Additive changes (new optional fields, new variants)

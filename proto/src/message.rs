@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{ErrorCode, WireError};
+use crate::task::{CancelOutcome, Needs, Priority, SessionList, TaskList, WireDuration};
 use crate::ttl::Ttl;
 use crate::PROTOCOL_VERSION;
 
@@ -36,6 +37,55 @@ pub enum Request {
     Unpin(PinRequest),
     /// Re-read the config file and apply what can change live (as SIGHUP does).
     Reload,
+    /// Embed texts with an embedding model.
+    Embed(EmbedRequest),
+    /// List queued and running tasks.
+    Tasks,
+    /// Cancel a queued or running task.
+    Cancel(CancelRequest),
+    /// List stateful sessions, or forget one.
+    Sessions(SessionsRequest),
+}
+
+/// Options every task takes: priority, deadline, and what `auto` must find.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskOptions {
+    pub priority: Priority,
+    /// Time from submission to answer; default `[tasks] default_timeout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<WireDuration>,
+    /// For `"model": "auto"`: what the model must be able to do.
+    #[serde(skip_serializing_if = "Needs::is_empty")]
+    pub needs: Needs,
+    /// Models to try first, in order (with `auto`), or after the named one fails.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prefer: Vec<String>,
+}
+
+/// `{"type":"embed", "model":"auto", "input":["text", …]}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedRequest {
+    /// An embedding model's key or instance id, or `auto`.
+    pub model: String,
+    pub input: Vec<String>,
+    #[serde(default, flatten)]
+    pub options: TaskOptions,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub task_id: String,
+}
+
+/// `{"type":"sessions"}` lists; `{"type":"sessions","forget":"NAME"}` drops one first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forget: Option<String>,
 }
 
 /// `{"type":"pin", "model":"qwen/qwen3-4b"}`.
@@ -78,6 +128,9 @@ pub struct UnloadRequest {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// Every instance lmsd may unload (pinned ones stay).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
 }
 
 /// One chat turn. `stream: true` sends `delta` events before the result.
@@ -100,6 +153,21 @@ pub struct ChatRequest {
     /// Idle TTL of the instance after this task: `"15m"`, `"0"` or `"never"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Ttl>,
+    /// Continue the conversation kept under this name (per model); lmsd stores its last
+    /// `response_id` across restarts. An explicit `previous_response_id` wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Unload the instance once it is idle after this task (its TTL becomes `"0"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unload_after: bool,
+    /// Keep the instance loaded after this task (its TTL becomes `"never"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
+    /// Context length to load the model with, if this task loads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
+    #[serde(default, flatten)]
+    pub options: TaskOptions,
 }
 
 /// A reply line. `id` echoes the request's id; it is `null` only when the request line was so
@@ -160,6 +228,36 @@ pub enum Outcome {
     Chat(ChatOutcome),
     Pin(PinOutcome),
     Reload(ReloadOutcome),
+    Embed(EmbedOutcome),
+    Tasks(TaskList),
+    Cancel(CancelOutcome),
+    Sessions(SessionList),
+}
+
+/// How a task went inside lmsd: which model and why, and where the time went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub task_id: String,
+    /// The model key the task ran on.
+    pub model: String,
+    /// Why that model: `"requested"`, `"loaded instance meets the needs"`, …
+    pub reason: String,
+    /// Waiting for a slot, a load or memory, load time excluded.
+    pub queued_ms: u64,
+    /// Loading the model for this task (0 when it was warm).
+    pub load_ms: u64,
+    /// Submission to answer.
+    pub total_ms: u64,
+    /// Tries it took (more than 1 after transient failures or fallbacks).
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedOutcome {
+    pub model_instance_id: String,
+    pub embeddings: Vec<Vec<f64>>,
+    #[serde(flatten)]
+    pub task: TaskReport,
 }
 
 /// What a config reload did.
@@ -187,6 +285,8 @@ pub enum Event {
     Reasoning { content: String },
     /// A piece of the answer.
     Delta { content: String },
+    /// The task waits in lmsd's queue; `position` 1 is next.
+    Queued { task_id: String, position: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -352,8 +452,8 @@ pub struct ChatOutcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_id: Option<String>,
     pub usage: Usage,
-    /// Wall time of the whole task inside lmsd, in milliseconds.
-    pub total_ms: u64,
+    #[serde(flatten)]
+    pub task: TaskReport,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -450,14 +550,29 @@ impl Request {
             }
         };
         match self {
-            Request::Status | Request::Models | Request::Reload => Ok(()),
+            Request::Status
+            | Request::Models
+            | Request::Reload
+            | Request::Tasks
+            | Request::Sessions(_) => Ok(()),
+            Request::Cancel(cancel) => non_empty("task_id", &cancel.task_id),
+            Request::Embed(embed) => {
+                non_empty("model", &embed.model)?;
+                if embed.input.is_empty() {
+                    return Err(WireError::bad_request(
+                        "\"input\" must hold at least one text",
+                    ));
+                }
+                Ok(())
+            }
             Request::Load(load) => non_empty("model", &load.model),
             Request::Pin(pin) | Request::Unpin(pin) => non_empty("model", &pin.model),
-            Request::Unload(unload) => match (&unload.model, &unload.instance_id) {
-                (Some(model), None) => non_empty("model", model),
-                (None, Some(instance)) => non_empty("instance_id", instance),
+            Request::Unload(unload) => match (&unload.model, &unload.instance_id, unload.all) {
+                (Some(model), None, false) => non_empty("model", model),
+                (None, Some(instance), false) => non_empty("instance_id", instance),
+                (None, None, true) => Ok(()),
                 _ => Err(WireError::bad_request(
-                    "unload takes exactly one of \"model\" or \"instance_id\"",
+                    "unload takes exactly one of \"model\", \"instance_id\" or \"all\": true",
                 )),
             },
             Request::Chat(chat) => {
@@ -505,13 +620,27 @@ mod tests {
         assert!(chat.stream);
         assert_eq!(chat.max_output_tokens, Some(200));
 
+        let auto = parse(
+            r#"{"v":1,"id":"c2","type":"chat","model":"auto","input":"Describe","needs":{"vision":true,"min_context":8192},"priority":"batch","timeout":"90s","session":"review"}"#,
+        )
+        .unwrap();
+        let Request::Chat(auto) = auto.request else {
+            panic!("not a chat")
+        };
+        assert!(auto.options.needs.vision);
+        assert_eq!(auto.options.needs.min_context, Some(8192));
+        assert_eq!(auto.options.priority, Priority::Batch);
+        assert_eq!(auto.options.timeout.map(|t| t.0.as_secs()), Some(90));
+        assert_eq!(auto.session.as_deref(), Some("review"));
+
         let unload =
             parse(r#"{"v":1,"id":"u1","type":"unload","instance_id":"qwen/qwen3-4b:2"}"#).unwrap();
         assert_eq!(
             unload.request,
             Request::Unload(UnloadRequest {
                 model: None,
-                instance_id: Some("qwen/qwen3-4b:2".into())
+                instance_id: Some("qwen/qwen3-4b:2".into()),
+                all: false,
             })
         );
     }
@@ -549,6 +678,12 @@ mod tests {
             r.error.message
         );
 
+        let r = parse(
+            r#"{"v":1,"id":"p","type":"chat","model":"auto","input":"x","priority":"urgent"}"#,
+        )
+        .unwrap_err();
+        assert!(r.error.message.contains("urgent"), "{}", r.error.message);
+
         let r = parse(r#"{"v":1,"id":"d","type":"unload"}"#).unwrap_err();
         assert!(r.error.message.contains("exactly one"));
 
@@ -578,7 +713,14 @@ mod tests {
                     reasoning_output_tokens: 0,
                     model_load_time_seconds: None,
                 },
-                total_ms: 7,
+                task: TaskReport {
+                    task_id: "t1".into(),
+                    model: "m".into(),
+                    reason: "requested".into(),
+                    total_ms: 7,
+                    attempts: 1,
+                    ..TaskReport::default()
+                },
             }),
         );
         let json: Value = serde_json::to_value(&reply).unwrap();

@@ -17,17 +17,29 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
+/// Where the daemon keeps state (sessions): `$STATE_DIRECTORY` (systemd's `StateDirectory=`),
+/// else `$XDG_STATE_HOME/lmsd`, else `~/.local/state/lmsd`.
+pub fn default_state_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    Some(xdg_state_home()?.join("lmsd"))
+}
+
+fn xdg_state_home() -> Option<PathBuf> {
+    match std::env::var_os("XDG_STATE_HOME") {
+        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+        _ => Some(PathBuf::from(std::env::var_os("HOME")?).join(".local/state")),
+    }
+}
+
 /// Where the daemon writes its log files: `$LOGS_DIRECTORY` (set by systemd's `LogsDirectory=`),
 /// else `$XDG_STATE_HOME/lmsd/logs`, else `~/.local/state/lmsd/logs`.
 pub fn default_log_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("LOGS_DIRECTORY").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir));
     }
-    let state = match std::env::var_os("XDG_STATE_HOME") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(std::env::var_os("HOME")?).join(".local/state"),
-    };
-    Some(state.join("lmsd").join("logs"))
+    Some(xdg_state_home()?.join("lmsd").join("logs"))
 }
 
 /// `$XDG_CONFIG_HOME/lmsd/lmsd.toml`, else `~/.config/lmsd/lmsd.toml`: read when it exists and no

@@ -28,6 +28,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/models/load", post(load))
         .route("/api/v1/models/unload", post(unload))
         .route("/api/v1/chat", post(chat))
+        .route("/v1/embeddings", post(embeddings))
         .fallback(unknown_route)
         .with_state(shared)
 }
@@ -371,6 +372,83 @@ fn compose(
     (reasoning, message)
 }
 
+#[derive(Deserialize)]
+struct EmbeddingsBody {
+    model: String,
+    input: Value,
+}
+
+/// A deterministic unit vector per text: equal texts embed equally.
+fn embed_text(text: &str) -> Vec<f64> {
+    let mut vector: Vec<f64> = (0..8u64)
+        .map(|i| {
+            let hash = text.bytes().fold(1469598103934665603u64 ^ i, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(1099511628211)
+            });
+            (hash % 2000) as f64 / 1000.0 - 1.0
+        })
+        .collect();
+    let norm = vector.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-9);
+    vector.iter_mut().for_each(|x| *x /= norm);
+    vector
+}
+
+async fn embeddings(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = guard(&shared, Route::Embeddings, &headers).await {
+        return response;
+    }
+    let body: EmbeddingsBody = match parse_body(&body) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let texts: Vec<String> = match body.input {
+        Value::String(text) => vec![text],
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => {
+            return error_response(ApiError::invalid_request(
+                "'input' must be a string or an array of strings",
+            ))
+        }
+    };
+    let (instance, kind) = {
+        let state = shared.lock();
+        let instance = state
+            .instances
+            .iter()
+            .find(|i| i.id == body.model || i.key == body.model);
+        (
+            instance.map(|i| i.id.clone()),
+            instance
+                .map(|i| i.kind)
+                .or(state.model(&body.model).map(|m| m.kind)),
+        )
+    };
+    match (instance, kind) {
+        (_, None) => error_response(ApiError::model_not_found(&body.model)),
+        (_, Some(SimModelKind::Llm)) => {
+            error_response(ApiError::invalid_request(format!("\"{}\" is not an embedding model", body.model)))
+        }
+        (None, Some(_)) => error_response(ApiError::invalid_request("No models loaded. Please load a model in the developer page or use the 'lms load' command.")),
+        (Some(instance), Some(_)) => {
+            let _in_flight = InFlight::begin(&shared, &instance);
+            shared.lock().stats.embeddings += 1;
+            let data: Vec<Value> = texts
+                .iter()
+                .enumerate()
+                .map(|(index, text)| json!({"object": "embedding", "embedding": embed_text(text), "index": index}))
+                .collect();
+            axum::Json(json!({"object": "list", "data": data, "model": instance, "usage": {"prompt_tokens": 0, "total_tokens": 0}})).into_response()
+        }
+    }
+}
+
 /// Decrements the instance's in-flight count and restarts its idle clock when the chat ends,
 /// however it ends.
 struct InFlight {
@@ -384,6 +462,8 @@ impl InFlight {
         let instance = state.instance_mut(instance_id)?;
         instance.in_flight += 1;
         instance.last_used = Instant::now();
+        let in_flight = instance.in_flight;
+        state.stats.max_in_flight = state.stats.max_in_flight.max(in_flight);
         Some(InFlight {
             shared: shared.clone(),
             instance_id: instance_id.to_owned(),

@@ -9,6 +9,7 @@ pub enum Route {
     Load,
     Unload,
     Chat,
+    Embeddings,
     Any,
 }
 

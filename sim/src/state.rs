@@ -89,6 +89,10 @@ pub struct SimStats {
     pub chats: u64,
     /// Chat requests received, counted before any injected fault or delay.
     pub chat_requests: u64,
+    /// Embedding requests answered.
+    pub embeddings: u64,
+    /// The most requests any one instance served at the same moment.
+    pub max_in_flight: u32,
 }
 
 pub(crate) const DEFAULT_CONTEXT_LENGTH: u32 = 4096;

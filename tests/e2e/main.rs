@@ -295,26 +295,36 @@ async fn backend_faults_map_to_typed_errors() {
     let sim = start_sim(config).await;
     let daemon = TestDaemon::start(&sim.url()).await;
 
-    sim.inject(Route::Chat, Fault::Html500, Times::Once);
+    // A fault that lasts: retried ([tasks] retries = 3), then reported with its class.
+    sim.inject(Route::Chat, Fault::Html500, Times::Always);
     let html = daemon
         .ctl(&["--json", "chat", "ibm/granite-4-micro", "hi"])
         .await;
     assert_eq!(html.code, 6, "{}", html.stderr);
     assert!(html.stderr.contains("HTML"), "{}", html.stderr);
-    let error: Value = serde_json::from_str(html.stdout.trim()).unwrap();
+    let error: Value = serde_json::from_str(html.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(error["error"]["code"], "backend_error");
+    sim.clear_faults();
 
-    // 200 with an error body and malformed JSON are LM Studio errors; a dropped connection means
-    // LM Studio is (momentarily) unreachable.
+    // 200 with an error body is an answer (not retried); malformed JSON and a dropped connection
+    // are transient and retried until the tries run out.
     for (fault, exit_code) in [
         (Fault::ErrorWith200, 6),
         (Fault::MalformedJson, 6),
         (Fault::DropConnection, 5),
     ] {
-        sim.inject(Route::Chat, fault.clone(), Times::Once);
+        sim.inject(Route::Chat, fault.clone(), Times::Always);
         let out = daemon.ctl(&["chat", "ibm/granite-4-micro", "hi"]).await;
         assert_eq!(out.code, exit_code, "{fault:?}: {}", out.stderr);
+        sim.clear_faults();
     }
+
+    // A passing fault is absorbed: the retry answers.
+    sim.inject(Route::Chat, Fault::Html500, Times::Once);
+    let recovered = daemon
+        .ctl_json(&["chat", "ibm/granite-4-micro", "hi"])
+        .await;
+    assert_eq!(recovered["attempts"], 2);
 
     let missing = daemon.ctl(&["chat", "nobody/nothing", "hi"]).await;
     assert_eq!(missing.code, 7, "{}", missing.stderr);

@@ -79,7 +79,12 @@ async fn idle_instances_expire_after_their_ttl_but_never_while_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_is_never_exceeded_and_the_least_valuable_idle_instance_goes() {
     let sim = start_sim(SimConfig::zero_delay()).await;
-    let daemon = TestDaemon::start_with(&sim.url(), "[pool]\nmemory_budget = \"6GB\"\n", &[]).await;
+    let daemon = TestDaemon::start_with(
+        &sim.url(),
+        "[pool]\nmemory_budget = \"6GB\"\nturn_hold = \"0s\"\n",
+        &[],
+    )
+    .await;
     chat(&daemon.socket, GRANITE).await.unwrap();
     // Qwen is used three times, Granite once and longer ago: Granite is cheaper to lose.
     for _ in 0..3 {
@@ -102,7 +107,12 @@ async fn the_budget_is_never_exceeded_and_the_least_valuable_idle_instance_goes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_instance_is_never_evicted_the_load_waits_for_it() {
     let sim = start_sim(SimConfig::zero_delay()).await;
-    let daemon = TestDaemon::start_with(&sim.url(), "[pool]\nmemory_budget = \"5GB\"\n", &[]).await;
+    let daemon = TestDaemon::start_with(
+        &sim.url(),
+        "[pool]\nmemory_budget = \"5GB\"\nturn_hold = \"0s\"\n",
+        &[],
+    )
+    .await;
     sim.inject(
         Route::Chat,
         Fault::Delay(Duration::from_millis(1000)),
@@ -132,7 +142,7 @@ async fn a_pinned_model_survives_pressure_outside_unloads_and_restarts() {
     let sim = start_sim(SimConfig::zero_delay()).await;
     let addr = sim.addr();
     let config =
-        format!("[pool]\nmemory_budget = \"6GB\"\n\n[models.\"{GRANITE}\"]\npinned = true\n");
+        format!("[pool]\nmemory_budget = \"6GB\"\nturn_hold = \"0s\"\n\n[models.\"{GRANITE}\"]\npinned = true\n");
     let daemon = TestDaemon::start_with(&sim.url(), &config, &[]).await;
     eventually("the pin to load at start", || {
         sim.loaded_instances() == [GRANITE]
@@ -201,7 +211,12 @@ async fn twenty_concurrent_tasks_on_an_unloaded_model_make_one_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outside_loads_count_against_the_budget_and_are_left_alone() {
     let sim = start_sim(SimConfig::zero_delay()).await;
-    let daemon = TestDaemon::start_with(&sim.url(), "[pool]\nmemory_budget = \"6GB\"\n", &[]).await;
+    let daemon = TestDaemon::start_with(
+        &sim.url(),
+        "[pool]\nmemory_budget = \"6GB\"\nturn_hold = \"0s\"\n",
+        &[],
+    )
+    .await;
     load_outside(&sim, VL).await;
     let status = daemon
         .wait_for_status("the outside load", |s| s.instances.len() == 1)
@@ -218,7 +233,9 @@ async fn outside_loads_count_against_the_budget_and_are_left_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_exceeded_names_what_holds_the_memory() {
     let sim = start_sim(SimConfig::zero_delay()).await;
-    let config = format!("[pool]\nmemory_budget = \"5GB\"\n\n[models.\"{VL}\"]\npinned = true\n");
+    let config = format!(
+        "[pool]\nmemory_budget = \"5GB\"\nturn_hold = \"0s\"\n\n[models.\"{VL}\"]\npinned = true\n"
+    );
     let daemon = TestDaemon::start_with(&sim.url(), &config, &[]).await;
     eventually("the pin to load", || sim.loaded_instances() == [VL]).await;
 
@@ -248,7 +265,7 @@ async fn pins_that_cannot_fit_are_a_config_error_at_start() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nsocket = {:?}\n[lmstudio]\nurl = {:?}\n[pool]\nmemory_budget = \"4GB\"\n[models.\"{QWEN}\"]\npinned = true\n[models.\"{GRANITE}\"]\npinned = true\n",
+            "[server]\nsocket = {:?}\n[lmstudio]\nurl = {:?}\n[pool]\nmemory_budget = \"4GB\"\nturn_hold = \"0s\"\n[models.\"{QWEN}\"]\npinned = true\n[models.\"{GRANITE}\"]\npinned = true\n",
             dir.path().join("lmsd.sock"),
             sim.url()
         ),

@@ -237,7 +237,7 @@ impl TestDaemon {
             .unwrap_or_else(|e| panic!("lmsd-ctl {args:?} printed no JSON ({e}): {}", out.stdout))
     }
 
-    /// Sends raw lines on one connection and reads `replies` reply lines.
+    /// Sends raw lines on one connection and reads `replies` terminal replies (events skipped).
     pub async fn raw(&self, payload: &[u8], replies: usize) -> Vec<Value> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
@@ -246,13 +246,16 @@ impl TestDaemon {
         write.write_all(payload).await.expect("writes");
         let mut lines = BufReader::new(read).lines();
         let mut out = Vec::new();
-        for _ in 0..replies {
+        while out.len() < replies {
             let line = tokio::time::timeout(PATIENCE, lines.next_line())
                 .await
                 .expect("a reply in time")
                 .expect("reads")
                 .expect("a reply line before the connection closed");
-            out.push(serde_json::from_str(&line).expect("replies are JSON"));
+            let reply: Value = serde_json::from_str(&line).expect("replies are JSON");
+            if reply["type"] != "event" {
+                out.push(reply);
+            }
         }
         out
     }

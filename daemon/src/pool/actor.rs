@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use lmsd_proto::{
     Eviction, InstanceState, InstanceStatus, LoadOutcome, LoadRequest, LoadedBy, MemoryStatus,
-    PinOutcome, Ttl, UnloadOutcome, UnloadRequest,
+    PinOutcome, Priority, Ttl, UnloadOutcome, UnloadRequest,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Fit, Resident};
-use super::{Command, Lease, PoolError, PoolSettings, PoolStatus, Reply};
+use super::{Command, Lease, PoolError, PoolProgress, PoolSettings, PoolStatus, Reply};
 use crate::lmstudio::{BackendError, LmStudio, LoadBody, LoadReply, Model};
 
 /// Rounds of unload-then-verify before lmsd gives up on an instance that will not go.
@@ -26,6 +26,8 @@ const EVICTIONS_KEPT: usize = 16;
 const TICK: Duration = Duration::from_millis(100);
 /// Parallel slots of an instance until LM Studio reports its `config.parallel`.
 const DEFAULT_PARALLEL: u32 = 4;
+/// Waiting this long raises a task's priority by one level, so batch work cannot starve.
+const AGING_STEP: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Instance {
@@ -48,6 +50,9 @@ struct Instance {
     unloading: Option<&'static str>,
     /// An explicit unload waits for its running tasks to end; no new tasks go to it.
     draining: bool,
+    /// A task that has waited past `max_wait` needs this memory: no new tasks go to it, and
+    /// once idle it may be evicted despite its turn hold.
+    swap_out: bool,
 }
 
 #[derive(Debug)]
@@ -75,9 +80,16 @@ enum Waiting {
 struct Waiter {
     model: String,
     ttl: Option<Ttl>,
+    priority: Priority,
+    enqueued: Instant,
+    /// Load setting for a load this waiter causes.
+    context_length: Option<u32>,
+    progress: Option<mpsc::Sender<PoolProgress>>,
+    /// Last queue position reported.
+    position: u32,
     /// Served only after a catalogue read numbered at least this has completed.
     needs_read: u64,
-    /// Waiting for memory that busy instances hold ends here.
+    /// Waiting ends here: `DeadlineExceeded` for tasks, `BudgetExceeded` for loads.
     deadline: Instant,
     /// Time of a load of this model that finished while it waited.
     load_seen: Option<Duration>,
@@ -255,7 +267,31 @@ impl Actor {
                 };
                 (String::new(), None, 0, waiting)
             }
-            Command::Acquire { model, ttl, reply } => (model, ttl, 0, Waiting::Acquire(reply)),
+            Command::Acquire { request, reply } => {
+                let queued = self
+                    .waiters
+                    .iter()
+                    .filter(|w| matches!(w.waiting, Waiting::Acquire(_)))
+                    .count();
+                if queued >= self.settings.max_queue {
+                    let _ = reply.send(Err(PoolError::QueueFull(queued)));
+                    return;
+                }
+                self.waiters.push_back(Waiter {
+                    model: request.model,
+                    ttl: request.ttl,
+                    priority: request.priority,
+                    enqueued: now,
+                    context_length: request.context_length,
+                    progress: request.progress,
+                    position: 0,
+                    needs_read: 0,
+                    deadline: request.deadline,
+                    load_seen: None,
+                    waiting: Waiting::Acquire(reply),
+                });
+                return;
+            }
             // Loads, unloads and listings act on a catalogue read after they arrived, so an
             // instance loaded outside lmsd a moment ago is seen.
             Command::Load { request, reply } => {
@@ -291,6 +327,11 @@ impl Actor {
         self.waiters.push_back(Waiter {
             model,
             ttl,
+            priority: Priority::Interactive,
+            enqueued: now,
+            context_length: None,
+            progress: None,
+            position: 0,
             needs_read,
             deadline: now + self.settings.max_wait,
             load_seen: None,
@@ -405,6 +446,13 @@ impl Actor {
             echo_load_config: true,
         };
         tracing::info!(model = %model.key, size_bytes = model.size_bytes, "loading");
+        for waiter in self.waiters.iter().filter(|w| w.model == model.key) {
+            if let Some(progress) = &waiter.progress {
+                let _ = progress.try_send(PoolProgress::Loading {
+                    model: model.key.clone(),
+                });
+            }
+        }
         self.loads.insert(
             model.key.clone(),
             PendingLoad {
@@ -493,6 +541,11 @@ impl Actor {
                 let pending = self.loads.remove(&model);
                 match result {
                     Ok(reply) => self.loaded(&model, reply, pending, took, now),
+                    // LM Studio's memory is not lmsd's budget: if it ran out, make more room
+                    // while something can give way, and try again (the waiters still wait).
+                    Err(BackendError::OutOfMemory { .. }) if self.evict_one_for_memory(now) => {
+                        tracing::warn!(model = %model, "LM Studio ran out of memory loading; evicting one more instance and retrying");
+                    }
                     Err(error) => {
                         tracing::warn!(model = %model, %error, "load failed");
                         self.fail_waiters_for(&model, &PoolError::Backend(error));
@@ -564,10 +617,30 @@ impl Actor {
                 uses: 0,
                 unloading: None,
                 draining: false,
+                swap_out: false,
             });
         }
         for waiter in self.waiters.iter_mut().filter(|w| w.model == model) {
             waiter.load_seen = Some(took);
+        }
+    }
+
+    /// Evicts the least valuable idle instance lmsd may unload; false when there is none.
+    fn evict_one_for_memory(&mut self, now: Instant) -> bool {
+        let residents = self.residents(now, true);
+        // Asking for the whole budget makes policy list victims cheapest first; take the first.
+        match policy::plan_fit(
+            &residents,
+            self.settings.budget_bytes,
+            self.settings.budget_bytes,
+            1,
+            now,
+        ) {
+            Fit::Evict(victims) if !victims.is_empty() => {
+                self.start_unload(&victims[0], "memory");
+                true
+            }
+            _ => false,
         }
     }
 
@@ -694,6 +767,7 @@ impl Actor {
                     uses: 0,
                     unloading: None,
                     draining: false,
+                    swap_out: false,
                 });
             }
         }
@@ -723,10 +797,17 @@ impl Actor {
             .unwrap_or(self.settings.idle_ttl)
     }
 
-    fn residents(&self) -> Vec<Resident> {
+    /// The table as policy sees it. `starving`: a task has waited past `max_wait`, so turn holds
+    /// no longer protect anything.
+    fn residents(&self, now: Instant, starving: bool) -> Vec<Resident> {
         self.instances
             .iter()
             .map(|i| Resident {
+                held: !starving
+                    && !i.swap_out
+                    && i.uses > 0
+                    && i.in_flight == 0
+                    && now.saturating_duration_since(i.last_used) < self.settings.turn_hold,
                 id: i.id.clone(),
                 model: i.model.clone(),
                 bytes: self.bytes(i.size_bytes),
@@ -744,8 +825,8 @@ impl Actor {
 
     /// How a load of `model` fits now. Memory of instances already on their way out counts as
     /// free for planning, but a load waits until it is really freed.
-    fn fit(&self, model: &Model, now: Instant) -> Fit {
-        let residents = self.residents();
+    fn fit(&self, model: &Model, now: Instant, starving: bool) -> Fit {
+        let residents = self.residents(now, starving);
         let leaving: u64 = residents
             .iter()
             .filter(|r| r.leaving)
@@ -769,7 +850,10 @@ impl Actor {
 
     /// Applies policy and serves whatever can be served now.
     fn pump(&mut self, now: Instant) {
-        for id in policy::expired(&self.residents(), now) {
+        for instance in &mut self.instances {
+            instance.swap_out = false;
+        }
+        for id in policy::expired(&self.residents(now, false), now) {
             self.start_unload(&id, "idle_ttl");
         }
         let drained: Vec<String> = self
@@ -782,11 +866,37 @@ impl Actor {
             self.start_unload(&id, "unload");
         }
         self.keep_pins_and_preloads(now);
+        // Served by priority, aged so that waiting long enough beats any priority; then by age.
+        let rank = |w: &Waiter| {
+            let aged = now.saturating_duration_since(w.enqueued).as_secs() / AGING_STEP.as_secs();
+            (i64::from(w.priority.rank()) - aged as i64, w.enqueued)
+        };
+        self.waiters.make_contiguous().sort_by_key(rank);
         let mut index = 0;
         while index < self.waiters.len() {
             match self.serve(index, now) {
                 Step::Done => {}
                 Step::Wait => index += 1,
+            }
+        }
+        self.report_positions();
+    }
+
+    /// Tells waiting tasks their place in the queue when it changes.
+    fn report_positions(&mut self) {
+        let mut position = 0;
+        for waiter in self
+            .waiters
+            .iter_mut()
+            .filter(|w| matches!(w.waiting, Waiting::Acquire(_)))
+        {
+            position += 1;
+            if waiter.position != position {
+                waiter.position = position;
+                if let Some(progress) = &waiter.progress {
+                    // Progress is advice: a full channel skips an update, never blocks the pool.
+                    let _ = progress.try_send(PoolProgress::Queued { position });
+                }
             }
         }
     }
@@ -818,7 +928,7 @@ impl Actor {
             let Some(model) = self.catalogue.iter().find(|m| m.key == key).cloned() else {
                 continue;
             };
-            match self.fit(&model, now) {
+            match self.fit(&model, now, false) {
                 Fit::Fits => {
                     self.pins_blocked.remove(&key);
                     self.start_load(&model, None, None);
@@ -841,6 +951,19 @@ impl Actor {
     /// Tries to finish the waiter at `index`; removes it when done.
     fn serve(&mut self, index: usize, now: Instant) -> Step {
         let waiter = &self.waiters[index];
+        if let Waiting::Acquire(reply) = &waiter.waiting {
+            // The task gave up (cancelled, deadline, client gone): forget it.
+            if reply.is_closed() {
+                self.waiters.remove(index);
+                return Step::Done;
+            }
+            if now >= waiter.deadline {
+                if let Some(waiter) = self.waiters.remove(index) {
+                    waiter.fail(PoolError::DeadlineExceeded);
+                }
+                return Step::Done;
+            }
+        }
         if self.completed_read < waiter.needs_read || (self.refreshed_at.is_none() && self.reading)
         {
             return Step::Wait;
@@ -910,7 +1033,7 @@ impl Actor {
     /// needed; `None` to keep waiting.
     fn serve_acquire(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
         let name = self.waiters[index].model.clone();
-        let usable = |i: &Instance| i.unloading.is_none() && !i.draining;
+        let usable = |i: &Instance| i.unloading.is_none() && !i.draining && !i.swap_out;
         // An instance id names that instance only.
         if let Some(instance) = self.instances.iter().find(|i| i.id == name && usable(i)) {
             return (instance.in_flight < instance.parallel).then_some(Ok(()));
@@ -928,8 +1051,14 @@ impl Actor {
                 .any(|i| i.in_flight < i.parallel)
                 .then_some(Ok(()));
         }
-        let ttl = self.waiters[index].ttl;
-        self.ensure_loading(index, &model, None, ttl, now)
+        let waiter = &self.waiters[index];
+        let ttl = waiter.ttl;
+        let settings = waiter.context_length.map(|context_length| LoadRequest {
+            model: model.key.clone(),
+            context_length: Some(context_length),
+            ..LoadRequest::default()
+        });
+        self.ensure_loading(index, &model, settings.as_ref(), ttl, now)
     }
 
     fn serve_load(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
@@ -973,16 +1102,30 @@ impl Actor {
         if self.loads.contains_key(&model.key) {
             return None;
         }
+        let (need_bytes, budget_bytes) = (self.bytes(model.size_bytes), self.settings.budget_bytes);
         let budget_error = |holders: Vec<String>, waited: bool| PoolError::BudgetExceeded {
             model: model.key.clone(),
-            need_bytes: self.bytes(model.size_bytes),
-            budget_bytes: self.settings.budget_bytes,
+            need_bytes,
+            budget_bytes,
             holders,
             waited,
         };
-        match self.fit(model, now) {
+        let starving =
+            now.saturating_duration_since(self.waiters[index].enqueued) >= self.settings.max_wait;
+        match self.fit(model, now, starving) {
             Fit::Fits => {
                 self.start_load(model, request, ttl);
+                None
+            }
+            Fit::WaitForBusy { busy } if starving => {
+                // Waited long enough: the warm models holding the memory take no new tasks,
+                // and give way once their running ones end.
+                for instance in self.instances.iter_mut().filter(|i| busy.contains(&i.id)) {
+                    instance.swap_out = true;
+                }
+                if now >= self.waiters[index].deadline {
+                    return Some(Err(budget_error(busy, true)));
+                }
                 None
             }
             Fit::Evict(victims) => {
@@ -1011,14 +1154,18 @@ impl Actor {
             return targets.is_empty().then_some(Ok(()));
         }
         let by_key = request.model.is_some();
+        let all = request.all;
+        let pins = &self.pins;
         let chosen: BTreeSet<String> = self
             .instances
             .iter()
-            .filter(|i| (by_key && i.model == name) || i.id == name)
+            .filter(|i| {
+                (all && !pins.contains(&i.model)) || (by_key && i.model == name) || i.id == name
+            })
             .map(|i| i.id.clone())
             .collect();
         if chosen.is_empty() {
-            let known_key = by_key && self.catalogue.iter().any(|m| m.key == name);
+            let known_key = all || (by_key && self.catalogue.iter().any(|m| m.key == name));
             return Some(if known_key {
                 Ok(())
             } else {
@@ -1053,7 +1200,12 @@ impl Actor {
         let chosen = self
             .instances
             .iter_mut()
-            .filter(|i| (i.id == name || i.model == name) && i.unloading.is_none() && !i.draining)
+            .filter(|i| {
+                (i.id == name || i.model == name)
+                    && i.unloading.is_none()
+                    && !i.draining
+                    && !i.swap_out
+            })
             .filter(|i| i.in_flight < i.parallel)
             .min_by_key(|i| (i.id != name, i.in_flight));
         let Some(instance) = chosen else {
@@ -1178,6 +1330,8 @@ impl Actor {
             reachable: self.reachable,
             last_error: self.last_error.clone(),
             refreshed_ago: self.refreshed_at.map(|at| now.duration_since(at)),
+            catalogue: self.catalogue.clone(),
+            overhead_bytes: self.settings.instance_overhead,
         }
     }
 }

@@ -9,10 +9,10 @@ pub mod policy;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lmsd_proto::{
-    Eviction, InstanceStatus, LoadOutcome, LoadRequest, MemoryStatus, PinOutcome, Ttl,
+    Eviction, InstanceStatus, LoadOutcome, LoadRequest, MemoryStatus, PinOutcome, Priority, Ttl,
     UnloadOutcome, UnloadRequest,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -31,6 +31,8 @@ pub struct PoolSettings {
     pub models: BTreeMap<String, ModelConfig>,
     pub max_wait: Duration,
     pub poll_interval: Duration,
+    pub turn_hold: Duration,
+    pub max_queue: usize,
 }
 
 impl PoolSettings {
@@ -46,6 +48,8 @@ impl PoolSettings {
             models: config.models.clone(),
             max_wait: config.tasks.max_wait,
             poll_interval: config.lmstudio.poll_interval,
+            turn_hold: config.pool.turn_hold,
+            max_queue: config.tasks.max_queue,
         })
     }
 
@@ -94,6 +98,10 @@ pub enum PoolError {
     Pinned { model: String },
     #[error("lmsd is shutting down")]
     ShuttingDown,
+    #[error("lmsd's queue is full ({0} tasks wait); try again later or raise [tasks] max_queue")]
+    QueueFull(usize),
+    #[error("the task's deadline passed while it waited in the queue")]
+    DeadlineExceeded,
     #[error("{0}")]
     Config(String),
 }
@@ -110,6 +118,30 @@ fn holders_text(holders: &[String], waited: bool) -> String {
         text.push_str("; waited for busy instances until [tasks] max_wait ran out");
     }
     text
+}
+
+/// A request for a slot on an instance.
+#[derive(Debug)]
+pub struct AcquireRequest {
+    /// A model key or an instance id.
+    pub model: String,
+    pub ttl: Option<Ttl>,
+    pub priority: Priority,
+    /// Waiting ends with `DeadlineExceeded` here.
+    pub deadline: Instant,
+    /// Load setting for a load this request causes.
+    pub context_length: Option<u32>,
+    /// Where to report the queue position and loads while it waits.
+    pub progress: Option<mpsc::Sender<PoolProgress>>,
+}
+
+/// What a waiting request hears.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolProgress {
+    /// Its place among the waiting tasks (1 is next).
+    Queued { position: u32 },
+    /// A load of its model started.
+    Loading { model: String },
 }
 
 /// An instance reserved for one task. Dropping it gives the slot back and restarts the idle clock.
@@ -137,14 +169,16 @@ pub struct PoolStatus {
     pub reachable: bool,
     pub last_error: Option<BackendError>,
     pub refreshed_ago: Option<Duration>,
+    /// The catalogue as last read (not re-read for this).
+    pub catalogue: Arc<Vec<Model>>,
+    pub overhead_bytes: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, PoolError>>;
 
 enum Command {
     Acquire {
-        model: String,
-        ttl: Option<Ttl>,
+        request: AcquireRequest,
         reply: Reply<Lease>,
     },
     Load {
@@ -208,11 +242,9 @@ impl PoolHandle {
         answer.await.map_err(|_| PoolError::ShuttingDown)?
     }
 
-    /// A slot on a ready instance of `model` (a key or an instance id), loading it if needed.
-    pub async fn acquire(&self, model: &str, ttl: Option<Ttl>) -> Result<Lease, PoolError> {
-        let model = model.to_owned();
-        self.ask(|reply| Command::Acquire { model, ttl, reply })
-            .await
+    /// A slot on a ready instance of the model (a key or an instance id), loading it if needed.
+    pub async fn acquire(&self, request: AcquireRequest) -> Result<Lease, PoolError> {
+        self.ask(|reply| Command::Acquire { request, reply }).await
     }
 
     pub async fn load(&self, request: LoadRequest) -> Result<LoadOutcome, PoolError> {

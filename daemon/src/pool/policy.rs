@@ -18,6 +18,9 @@ pub struct Resident {
     pub managed: bool,
     /// Already on its way out (unloading, or draining for an explicit unload).
     pub leaving: bool,
+    /// Its last task ended less than `turn_hold` ago: the agent's next call may want it, so it
+    /// is not evicted yet (it may still expire by TTL).
+    pub held: bool,
     pub ttl: Ttl,
     /// When its last task ended (or when it was loaded).
     pub last_used: Instant,
@@ -33,7 +36,12 @@ impl Resident {
         self.in_flight == 0 && !self.pinned && self.managed && !self.leaving
     }
 
-    /// May it become evictable once its running tasks end?
+    /// May it be evicted to make room now?
+    fn evictable_for_room(&self) -> bool {
+        self.evictable() && !self.held
+    }
+
+    /// May it become evictable once its running tasks end (or its hold runs out)?
     fn evictable_later(&self) -> bool {
         !self.pinned && self.managed && !self.leaving
     }
@@ -86,7 +94,10 @@ pub fn plan_fit(residents: &[Resident], used: u64, budget: u64, need: u64, now: 
             holders: Vec::new(),
         };
     }
-    let mut candidates: Vec<&Resident> = residents.iter().filter(|r| r.evictable()).collect();
+    let mut candidates: Vec<&Resident> = residents
+        .iter()
+        .filter(|r| r.evictable_for_room())
+        .collect();
     candidates.sort_by(|a, b| a.keep_value(now).total_cmp(&b.keep_value(now)));
     let mut victims: Vec<&Resident> = Vec::new();
     let mut freed = 0u64;
@@ -115,7 +126,7 @@ pub fn plan_fit(residents: &[Resident], used: u64, budget: u64, need: u64, now: 
     if could_free >= shortfall {
         let busy = residents
             .iter()
-            .filter(|r| r.evictable_later() && r.in_flight > 0)
+            .filter(|r| r.evictable_later() && (r.in_flight > 0 || r.held))
             .map(|r| r.id.clone())
             .collect();
         return Fit::WaitForBusy { busy };
@@ -144,6 +155,7 @@ mod tests {
             pinned: false,
             managed: true,
             leaving: false,
+            held: false,
             ttl: Ttl::After(Duration::from_secs(60)),
             last_used: now,
             load_time: Duration::from_secs(gb),
@@ -227,6 +239,21 @@ mod tests {
                 holders: vec!["pinned".into()]
             }
         );
+    }
+
+    #[test]
+    fn a_held_instance_waits_out_its_turn_but_still_expires() {
+        let now = Instant::now();
+        let mut held = resident("held", 3, now - Duration::from_secs(120));
+        held.held = true;
+        let all = [held];
+        assert_eq!(
+            plan_fit(&all, 3 * GB, 4 * GB, 2 * GB, now),
+            Fit::WaitForBusy {
+                busy: vec!["held".into()]
+            }
+        );
+        assert_eq!(expired(&all, now), vec!["held".to_string()]);
     }
 
     #[test]

@@ -1,0 +1,227 @@
+//! `lmsd-ctl selftest`: the smoke test the old scripts had — health, load, chat, unload, verify —
+//! each step printed with its time; the first failure ends it with that error's exit code.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use lmsd_proto::{
+    ChatRequest, Client, ClientError, ErrorCode, LoadRequest, ModelKind, Outcome, Request,
+    UnloadRequest, WireError,
+};
+
+struct Steps {
+    json: bool,
+    number: u32,
+}
+
+impl Steps {
+    fn report(&mut self, name: &str, started: Instant, detail: &str) {
+        self.number += 1;
+        let ms = started.elapsed().as_millis();
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({"step": name, "ok": true, "ms": ms, "detail": detail})
+            );
+        } else {
+            println!("{}. {name:<8} ok  {ms:>6} ms  {detail}", self.number);
+        }
+    }
+}
+
+fn failed(name: &str, error: &ClientError, json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"step": name, "ok": false, "error": error.to_string()})
+        );
+    }
+    eprintln!("lmsd-ctl: selftest failed at {name}: {error}");
+    ExitCode::from(crate::exit_code(error))
+}
+
+async fn call(client: &mut Client, request: Request) -> Result<Outcome, ClientError> {
+    client.call(request, |_| {}).await
+}
+
+pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
+    let mut steps = Steps { json, number: 0 };
+    let mut client = match Client::connect(socket).await {
+        Ok(client) => client,
+        Err(error) => return failed("connect", &error, json),
+    };
+
+    let started = Instant::now();
+    match call(&mut client, Request::Status).await {
+        Ok(Outcome::Status(status)) if status.backend.reachable => {
+            let simulated = if status.backend.simulated {
+                " (SIMULATED)"
+            } else {
+                ""
+            };
+            steps.report(
+                "health",
+                started,
+                &format!("LM Studio at {} answers{simulated}", status.backend.url),
+            );
+        }
+        Ok(Outcome::Status(status)) => {
+            let error = WireError::new(
+                ErrorCode::BackendUnreachable,
+                format!(
+                    "LM Studio at {} does not answer: {}",
+                    status.backend.url,
+                    status.backend.last_error.unwrap_or_default()
+                ),
+            );
+            return failed("health", &ClientError::Remote(error), json);
+        }
+        Ok(_) => {
+            return failed(
+                "health",
+                &ClientError::BadReply("not a status".into()),
+                json,
+            )
+        }
+        Err(error) => return failed("health", &error, json),
+    }
+
+    let model = match model {
+        Some(model) => model,
+        None => match call(&mut client, Request::Models).await {
+            Ok(Outcome::Models(list)) => {
+                let smallest = list
+                    .models
+                    .iter()
+                    .filter(|m| m.kind == ModelKind::Llm)
+                    .min_by_key(|m| m.size_bytes);
+                match smallest {
+                    Some(model) => model.key.clone(),
+                    None => {
+                        let error = WireError::new(
+                            ErrorCode::ModelNotFound,
+                            "LM Studio has no LLM to test with",
+                        );
+                        return failed("choose", &ClientError::Remote(error), json);
+                    }
+                }
+            }
+            Ok(_) => {
+                return failed(
+                    "choose",
+                    &ClientError::BadReply("not a model list".into()),
+                    json,
+                )
+            }
+            Err(error) => return failed("choose", &error, json),
+        },
+    };
+
+    let started = Instant::now();
+    let load = LoadRequest {
+        model: model.clone(),
+        ..LoadRequest::default()
+    };
+    match call(&mut client, Request::Load(load)).await {
+        Ok(Outcome::Load(load)) => {
+            let how = if load.already_loaded {
+                "was already loaded"
+            } else {
+                "loaded"
+            };
+            steps.report(
+                "load",
+                started,
+                &format!("{} {how} as {}", load.model, load.instance_id),
+            );
+        }
+        Ok(_) => {
+            return failed(
+                "load",
+                &ClientError::BadReply("not a load result".into()),
+                json,
+            )
+        }
+        Err(error) => return failed("load", &error, json),
+    }
+
+    let started = Instant::now();
+    let chat = ChatRequest {
+        model: model.clone(),
+        input: "Reply with the single word OK.".into(),
+        ..ChatRequest::default()
+    };
+    match call(&mut client, Request::Chat(chat)).await {
+        Ok(Outcome::Chat(chat)) => {
+            let words = chat.content.split_whitespace().count();
+            steps.report(
+                "chat",
+                started,
+                &format!("{words} words from {}", chat.model_instance_id),
+            );
+        }
+        Ok(_) => {
+            return failed(
+                "chat",
+                &ClientError::BadReply("not a chat result".into()),
+                json,
+            )
+        }
+        Err(error) => return failed("chat", &error, json),
+    }
+
+    let started = Instant::now();
+    let unload = UnloadRequest {
+        model: Some(model.clone()),
+        ..UnloadRequest::default()
+    };
+    match call(&mut client, Request::Unload(unload)).await {
+        Ok(Outcome::Unload(unload)) => steps.report(
+            "unload",
+            started,
+            &format!("unloaded {}", unload.unloaded.join(", ")),
+        ),
+        Ok(_) => {
+            return failed(
+                "unload",
+                &ClientError::BadReply("not an unload result".into()),
+                json,
+            )
+        }
+        Err(error) => return failed("unload", &error, json),
+    }
+
+    let started = Instant::now();
+    match call(&mut client, Request::Models).await {
+        Ok(Outcome::Models(list)) => {
+            let left: Vec<&String> = list
+                .models
+                .iter()
+                .filter(|m| m.key == model)
+                .flat_map(|m| &m.loaded_instances)
+                .collect();
+            if !left.is_empty() {
+                let error = WireError::new(
+                    ErrorCode::BackendError,
+                    format!("{model} still has instances {left:?}"),
+                );
+                return failed("verify", &ClientError::Remote(error), json);
+            }
+            steps.report(
+                "verify",
+                started,
+                &format!("LM Studio lists no instance of {model}"),
+            );
+        }
+        Ok(_) => {
+            return failed(
+                "verify",
+                &ClientError::BadReply("not a model list".into()),
+                json,
+            )
+        }
+        Err(error) => return failed("verify", &error, json),
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,178 @@
+//! Model choice for `"model": "auto"`, as a pure function over the catalogue and the pool.
+
+use lmsd_proto::Needs;
+
+use crate::lmstudio::{Model, ModelType};
+
+/// A model to try, and why it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub model: String,
+    pub reason: String,
+}
+
+/// What choice needs to know of the pool.
+#[derive(Debug, Clone, Default)]
+pub struct PoolView {
+    /// Keys of models with a usable instance.
+    pub loaded: Vec<String>,
+    pub free_bytes: u64,
+    pub budget_bytes: u64,
+    /// Memory counted per instance on top of its size.
+    pub overhead: u64,
+}
+
+fn meets(model: &Model, needs: &Needs, embedding: bool) -> bool {
+    let caps = model.capabilities.clone().unwrap_or_default();
+    let kind_ok = if embedding {
+        model.kind == ModelType::Embedding
+    } else {
+        model.kind == ModelType::Llm
+    };
+    kind_ok
+        && (!needs.vision || caps.vision)
+        && (!needs.reasoning || caps.reasoning.is_some())
+        && needs
+            .min_context
+            .is_none_or(|min| model.max_context_length.unwrap_or(0) >= min)
+}
+
+/// Every model that meets the needs, best first: a loaded one; then one that fits without
+/// evicting (smallest first); then the preference order; then the smallest that fits the budget
+/// at all. Each comes with the reason it is where it is.
+pub fn choose(
+    catalogue: &[Model],
+    pool: &PoolView,
+    needs: &Needs,
+    prefer: &[String],
+    embedding: bool,
+) -> Vec<Candidate> {
+    let mut fitting: Vec<&Model> = catalogue
+        .iter()
+        .filter(|m| meets(m, needs, embedding))
+        .collect();
+    fitting.sort_by_key(|m| (m.size_bytes, m.key.clone()));
+    let mut chosen: Vec<Candidate> = Vec::new();
+    let mut add = |model: &Model, reason: &str| {
+        if !chosen.iter().any(|c| c.model == model.key) {
+            chosen.push(Candidate {
+                model: model.key.clone(),
+                reason: reason.to_owned(),
+            });
+        }
+    };
+    for model in fitting.iter().filter(|m| pool.loaded.contains(&m.key)) {
+        add(model, "a loaded instance meets the needs");
+    }
+    for model in fitting
+        .iter()
+        .filter(|m| m.size_bytes + pool.overhead <= pool.free_bytes)
+    {
+        add(model, "fits in free memory without evicting");
+    }
+    let within_budget = |m: &&&Model| m.size_bytes + pool.overhead <= pool.budget_bytes;
+    for key in prefer {
+        if let Some(model) = fitting.iter().filter(within_budget).find(|m| &m.key == key) {
+            add(
+                model,
+                "preferred ([routing] prefer or the task's prefer list)",
+            );
+        }
+    }
+    for model in fitting.iter().filter(within_budget) {
+        add(model, "the smallest that fits the budget");
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalogue() -> Vec<Model> {
+        serde_json::from_str(
+            r#"[{"type":"llm","key":"small","size_bytes":2000,"max_context_length":8192,"capabilities":{"vision":false}},
+                {"type":"llm","key":"vision","size_bytes":3000,"max_context_length":32768,"capabilities":{"vision":true}},
+                {"type":"llm","key":"thinker","size_bytes":5000,"max_context_length":131072,"capabilities":{"vision":false,"reasoning":{"allowed_options":["on"],"default":"on"}}},
+                {"type":"llm","key":"huge","size_bytes":50000,"max_context_length":131072,"capabilities":{"vision":true}},
+                {"type":"embedding","key":"embed","size_bytes":300,"max_context_length":2048}]"#,
+        )
+        .unwrap()
+    }
+
+    fn keys(candidates: &[Candidate]) -> Vec<&str> {
+        candidates.iter().map(|c| c.model.as_str()).collect()
+    }
+
+    #[test]
+    fn a_loaded_model_that_meets_the_needs_comes_first() {
+        let pool = PoolView {
+            loaded: vec!["thinker".into()],
+            free_bytes: 10_000,
+            budget_bytes: 20_000,
+            overhead: 0,
+        };
+        let chosen = choose(&catalogue(), &pool, &Needs::default(), &[], false);
+        assert_eq!(keys(&chosen), ["thinker", "small", "vision"]);
+        assert_eq!(chosen[0].reason, "a loaded instance meets the needs");
+        assert_eq!(chosen[1].reason, "fits in free memory without evicting");
+    }
+
+    #[test]
+    fn needs_filter_by_vision_context_reasoning_and_kind() {
+        let pool = PoolView {
+            loaded: vec![],
+            free_bytes: 100_000,
+            budget_bytes: 100_000,
+            overhead: 0,
+        };
+        let vision = Needs {
+            vision: true,
+            ..Needs::default()
+        };
+        assert_eq!(
+            keys(&choose(&catalogue(), &pool, &vision, &[], false)),
+            ["vision", "huge"]
+        );
+        let long = Needs {
+            min_context: Some(100_000),
+            ..Needs::default()
+        };
+        assert_eq!(
+            keys(&choose(&catalogue(), &pool, &long, &[], false)),
+            ["thinker", "huge"]
+        );
+        let reasoning = Needs {
+            reasoning: true,
+            ..Needs::default()
+        };
+        assert_eq!(
+            keys(&choose(&catalogue(), &pool, &reasoning, &[], false)),
+            ["thinker"]
+        );
+        assert_eq!(
+            keys(&choose(&catalogue(), &pool, &Needs::default(), &[], true)),
+            ["embed"]
+        );
+    }
+
+    #[test]
+    fn preference_beats_size_when_nothing_fits_freely_and_the_budget_bounds_all() {
+        let pool = PoolView {
+            loaded: vec![],
+            free_bytes: 1000,
+            budget_bytes: 6000,
+            overhead: 0,
+        };
+        let chosen = choose(
+            &catalogue(),
+            &pool,
+            &Needs::default(),
+            &["thinker".into(), "huge".into()],
+            false,
+        );
+        assert_eq!(keys(&chosen), ["thinker", "small", "vision"]);
+        assert!(chosen[0].reason.starts_with("preferred"));
+        assert_eq!(chosen[1].reason, "the smallest that fits the budget");
+    }
+}

@@ -1,0 +1,661 @@
+//! Runs each request. Tasks (chat, embed) are registered, get a deadline and a priority, choose
+//! their model (`auto` or a named one with fallbacks), wait in the pool's queue for a slot, and
+//! survive LM Studio's faults the way a careful script would: retries with backoff on transient
+//! errors, a reload when an instance vanished or answered nothing, the next candidate when a
+//! model is missing or does not fit.
+
+pub mod choice;
+pub mod registry;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lmsd_proto::{
+    BackendStatus, CancelOutcome, ChatOutcome, ChatRequest, ContentSource, DaemonInfo,
+    EmbedOutcome, EmbedRequest, ErrorCode, Event, LoadOutcome, LoadRequest, ModelInfo, ModelKind,
+    ModelList, PinOutcome, Reply, SessionList, StatusReport, TaskKind, TaskList, TaskOptions,
+    TaskReport, Ttl, UnloadOutcome, UnloadRequest, Usage, WireError, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::lmstudio::{
+    BackendError, ChatBody, ChatReply, LmStudio, Model, ModelType, StreamEvent, TextSource,
+};
+use crate::pool::{AcquireRequest, Lease, PoolError, PoolHandle, PoolProgress};
+use choice::{Candidate, PoolView};
+use registry::{Registry, TaskHandle};
+use sessions::Sessions;
+
+/// Why a request failed. Mapped to wire codes in one place: [`TaskError::to_wire`].
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("LM Studio answered with neither message nor reasoning text (instance {instance}), also after a reload")]
+    EmptyReply { instance: String },
+    #[error("no model meets the task's needs{0}; `lmsd-ctl models` lists what there is")]
+    NoModel(String),
+    #[error("the task's deadline passed after {0} ms")]
+    DeadlineExceeded(u64),
+    #[error("the task was cancelled")]
+    Cancelled,
+}
+
+fn backend_code(error: &BackendError) -> ErrorCode {
+    match error {
+        BackendError::Unreachable { .. } | BackendError::Timeout { .. } => {
+            ErrorCode::BackendUnreachable
+        }
+        BackendError::ModelNotFound { .. } => ErrorCode::ModelNotFound,
+        BackendError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
+        BackendError::Unauthorized { .. }
+        | BackendError::Api { .. }
+        | BackendError::Malformed { .. } => ErrorCode::BackendError,
+    }
+}
+
+impl TaskError {
+    pub fn to_wire(&self) -> WireError {
+        let code = match self {
+            TaskError::Backend(error) | TaskError::Pool(PoolError::Backend(error)) => {
+                backend_code(error)
+            }
+            TaskError::Pool(PoolError::NotFound { .. }) | TaskError::NoModel(_) => {
+                ErrorCode::ModelNotFound
+            }
+            TaskError::Pool(PoolError::BudgetExceeded { .. }) => ErrorCode::BudgetExceeded,
+            TaskError::Pool(PoolError::Pinned { .. } | PoolError::Config(_)) => {
+                ErrorCode::BadRequest
+            }
+            TaskError::Pool(PoolError::ShuttingDown) => ErrorCode::ShuttingDown,
+            TaskError::Pool(PoolError::QueueFull(_)) => ErrorCode::QueueFull,
+            TaskError::Pool(PoolError::DeadlineExceeded) | TaskError::DeadlineExceeded(_) => {
+                ErrorCode::DeadlineExceeded
+            }
+            TaskError::Cancelled => ErrorCode::Cancelled,
+            TaskError::Pool(PoolError::UnloadNotVerified { .. }) | TaskError::EmptyReply { .. } => {
+                ErrorCode::BackendError
+            }
+        };
+        WireError::new(code, self.to_string())
+    }
+
+    /// Worth trying the next candidate model after this?
+    fn next_candidate_may_help(&self) -> bool {
+        matches!(
+            self,
+            TaskError::EmptyReply { .. }
+                | TaskError::Pool(PoolError::NotFound { .. } | PoolError::BudgetExceeded { .. })
+                | TaskError::Pool(PoolError::Backend(
+                    BackendError::ModelNotFound { .. } | BackendError::OutOfMemory { .. }
+                ))
+                | TaskError::Backend(
+                    BackendError::ModelNotFound { .. } | BackendError::OutOfMemory { .. }
+                )
+        )
+    }
+}
+
+/// Where a request's events go: its client's connection, under its id.
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    pub id: String,
+    pub replies: mpsc::Sender<Reply>,
+}
+
+impl EventSink {
+    pub async fn send(&self, event: Event) {
+        let _ = self
+            .replies
+            .send(Reply::event(self.id.clone(), event))
+            .await;
+    }
+}
+
+/// What every request handler needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub lmstudio: LmStudio,
+    pub pool: PoolHandle,
+    pub reloader: Arc<crate::service::Reloader>,
+    /// The config in force; reloads publish new ones.
+    pub config: watch::Receiver<Arc<Config>>,
+    pub registry: Arc<Registry>,
+    pub sessions: Arc<Sessions>,
+    pub started: Instant,
+    pub simulated: bool,
+}
+
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+pub async fn status(ctx: &Context) -> Result<StatusReport, TaskError> {
+    let pool = ctx.pool.status().await?;
+    Ok(StatusReport {
+        daemon: DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            uptime_s: ctx.started.elapsed().as_secs(),
+        },
+        backend: BackendStatus {
+            url: ctx.lmstudio.url().to_owned(),
+            reachable: pool.reachable,
+            simulated: ctx.simulated,
+            last_error: pool.last_error.map(|e| e.to_string()),
+            refreshed_ms_ago: pool.refreshed_ago.map(millis),
+        },
+        instances: pool.instances,
+        memory: pool.memory,
+        evictions: pool.evictions,
+    })
+}
+
+fn model_info(model: &Model) -> Option<ModelInfo> {
+    let kind = match model.kind {
+        ModelType::Llm => ModelKind::Llm,
+        ModelType::Embedding => ModelKind::Embedding,
+        ModelType::Other => return None,
+    };
+    let caps = model.capabilities.clone().unwrap_or_default();
+    Some(ModelInfo {
+        key: model.key.clone(),
+        kind,
+        display_name: model
+            .display_name
+            .clone()
+            .unwrap_or_else(|| model.key.clone()),
+        size_bytes: model.size_bytes,
+        params_string: model.params_string.clone(),
+        max_context_length: model.max_context_length.unwrap_or(0),
+        vision: caps.vision,
+        reasoning: caps.reasoning.is_some(),
+        tool_use: caps.trained_for_tool_use,
+        loaded_instances: model
+            .loaded_instances
+            .iter()
+            .map(|i| i.id.clone())
+            .collect(),
+    })
+}
+
+pub async fn models(ctx: &Context) -> Result<ModelList, TaskError> {
+    let models = ctx.pool.models().await?;
+    Ok(ModelList {
+        models: models.iter().filter_map(model_info).collect(),
+    })
+}
+
+pub async fn load(ctx: &Context, request: LoadRequest) -> Result<LoadOutcome, TaskError> {
+    Ok(ctx.pool.load(request).await?)
+}
+
+pub async fn unload(ctx: &Context, request: UnloadRequest) -> Result<UnloadOutcome, TaskError> {
+    Ok(ctx.pool.unload(request).await?)
+}
+
+pub async fn pin(ctx: &Context, model: String, pinned: bool) -> Result<PinOutcome, TaskError> {
+    Ok(ctx.pool.pin(model, pinned).await?)
+}
+
+pub fn tasks(ctx: &Context) -> TaskList {
+    TaskList {
+        tasks: ctx.registry.list(),
+    }
+}
+
+pub fn cancel(ctx: &Context, task_id: String) -> CancelOutcome {
+    let cancelled = ctx.registry.cancel(&task_id);
+    if cancelled {
+        tracing::info!(task = %task_id, "cancelled on request");
+    }
+    CancelOutcome { task_id, cancelled }
+}
+
+pub fn sessions(ctx: &Context, forget: Option<String>) -> SessionList {
+    let forgotten = forget.filter(|name| ctx.sessions.forget(name));
+    SessionList {
+        sessions: ctx.sessions.list(),
+        forgotten,
+    }
+}
+
+/// A task in flight: its registration, deadline, options and the running account of its time.
+struct Task<'a> {
+    ctx: &'a Context,
+    handle: TaskHandle,
+    submitted: Instant,
+    deadline: Instant,
+    options: TaskOptions,
+    retries: u32,
+    sink: &'a EventSink,
+    report: TaskReport,
+}
+
+/// What a task does once it holds a slot: a chat or an embedding.
+enum Work<'a> {
+    Chat(&'a ChatRequest),
+    Embed(&'a EmbedRequest),
+}
+
+enum Done {
+    Chat(ChatReply),
+    Embed(Vec<Vec<f64>>),
+}
+
+impl<'a> Task<'a> {
+    fn start(
+        ctx: &'a Context,
+        kind: TaskKind,
+        model: &str,
+        options: TaskOptions,
+        sink: &'a EventSink,
+        cancel: CancellationToken,
+    ) -> Self {
+        let config = ctx.config.borrow().clone();
+        let submitted = Instant::now();
+        let deadline = submitted
+            + options
+                .timeout
+                .map_or(config.tasks.default_timeout, |t| t.0);
+        let handle = ctx
+            .registry
+            .register(kind, model, options.priority, deadline, cancel);
+        let mut options = options;
+        options.prefer.extend(config.routing.prefer.iter().cloned());
+        Task {
+            ctx,
+            report: TaskReport {
+                task_id: handle.id.clone(),
+                ..TaskReport::default()
+            },
+            handle,
+            submitted,
+            deadline,
+            options,
+            retries: config.tasks.retries,
+            sink,
+        }
+    }
+
+    /// The models to try, best first.
+    async fn candidates(
+        &self,
+        requested: &str,
+        embedding: bool,
+    ) -> Result<Vec<Candidate>, TaskError> {
+        if requested != "auto" {
+            let mut list = vec![Candidate {
+                model: requested.to_owned(),
+                reason: "requested".into(),
+            }];
+            for key in self.options.prefer.iter().filter(|k| *k != requested) {
+                list.push(Candidate {
+                    model: key.clone(),
+                    reason: "fallback from the prefer list".into(),
+                });
+            }
+            return Ok(list);
+        }
+        let status = self.ctx.pool.status().await?;
+        if !status.reachable {
+            if let Some(error) = status.last_error {
+                return Err(TaskError::Backend(error));
+            }
+        }
+        let view = PoolView {
+            loaded: status
+                .instances
+                .iter()
+                .filter(|i| !i.instance_id.is_empty())
+                .map(|i| i.model.clone())
+                .collect(),
+            free_bytes: status.memory.free_bytes,
+            budget_bytes: status.memory.budget_bytes,
+            overhead: status.overhead_bytes,
+        };
+        let list = choice::choose(
+            &status.catalogue,
+            &view,
+            &self.options.needs,
+            &self.options.prefer,
+            embedding,
+        );
+        if list.is_empty() {
+            let kind = if embedding {
+                " (an embedding model)"
+            } else {
+                ""
+            };
+            return Err(TaskError::NoModel(format!(
+                "{kind} {:?}",
+                self.options.needs
+            )));
+        }
+        Ok(list)
+    }
+
+    /// Waits for a slot on `model`, forwarding queue positions and loads as events.
+    async fn acquire(
+        &mut self,
+        model: &str,
+        ttl: Option<Ttl>,
+        context_length: Option<u32>,
+    ) -> Result<Lease, TaskError> {
+        let (progress, mut heard) = mpsc::channel(16);
+        let request = AcquireRequest {
+            model: model.to_owned(),
+            ttl,
+            priority: self.options.priority,
+            deadline: self.deadline,
+            context_length,
+            progress: Some(progress),
+        };
+        let started = Instant::now();
+        let acquire = self.ctx.pool.acquire(request);
+        tokio::pin!(acquire);
+        let lease = loop {
+            tokio::select! {
+                lease = &mut acquire => break lease?,
+                Some(event) = heard.recv() => match event {
+                    PoolProgress::Queued { position } => {
+                        self.sink.send(Event::Queued { task_id: self.handle.id.clone(), position }).await;
+                    }
+                    PoolProgress::Loading { model } => {
+                        self.sink.send(Event::Load { model_instance_id: model, progress: 0.0 }).await;
+                    }
+                },
+            }
+        };
+        let waited = started.elapsed();
+        let load = lease.load_time.unwrap_or_default().min(waited);
+        self.report.load_ms += millis(load);
+        self.report.queued_ms += millis(waited - load);
+        if let Some(load) = lease.load_time {
+            self.sink
+                .send(Event::Load {
+                    model_instance_id: lease.instance_id.clone(),
+                    progress: 1.0,
+                })
+                .await;
+            tracing::debug!(task = %self.handle.id, load_ms = millis(load), "loaded for this task");
+        }
+        self.handle.set_instance(Some(&lease.instance_id));
+        Ok(lease)
+    }
+
+    /// Runs the work on each candidate in turn until one answers.
+    async fn run(
+        &mut self,
+        candidates: &[Candidate],
+        work: &Work<'_>,
+    ) -> Result<(Done, Answered), TaskError> {
+        let mut last_error = None;
+        for candidate in candidates {
+            match self.run_on(candidate, work).await {
+                Ok(done) => {
+                    self.report.model = candidate.model.clone();
+                    self.report.reason = candidate.reason.clone();
+                    return Ok(done);
+                }
+                Err(error) if error.next_candidate_may_help() => {
+                    tracing::info!(task = %self.handle.id, model = %candidate.model, %error, "trying the next candidate");
+                    last_error = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| TaskError::NoModel(String::new())))
+    }
+
+    /// Runs the work on one model, retrying transient faults with backoff, once reloading an
+    /// instance that vanished or answered nothing.
+    async fn run_on(
+        &mut self,
+        candidate: &Candidate,
+        work: &Work<'_>,
+    ) -> Result<(Done, Answered), TaskError> {
+        let (ttl, context_length) = match work {
+            Work::Chat(chat) => (
+                if chat.unload_after {
+                    Some(Ttl::After(Duration::ZERO))
+                } else if chat.keep {
+                    Some(Ttl::Never)
+                } else {
+                    chat.ttl
+                },
+                chat.context_length,
+            ),
+            Work::Embed(_) => (None, None),
+        };
+        let mut transient_tries = 0;
+        let mut reloaded = false;
+        loop {
+            self.report.attempts += 1;
+            let lease = self.acquire(&candidate.model, ttl, context_length).await?;
+            let instance = lease.instance_id.clone();
+            let result = self.perform(&lease, candidate, work).await;
+            drop(lease);
+            self.handle.set_instance(None);
+            let error = match result {
+                Ok(done) => return Ok((done, Answered { instance })),
+                Err(error) => error,
+            };
+            match &error {
+                // The instance vanished under the task (outside unload, LM Studio restart), or
+                // answered nothing: reload it once and try again.
+                TaskError::Backend(BackendError::ModelNotFound { .. })
+                | TaskError::EmptyReply { .. }
+                    if !reloaded =>
+                {
+                    reloaded = true;
+                    tracing::warn!(task = %self.handle.id, instance = %instance, %error, "reloading the instance and retrying");
+                    if matches!(error, TaskError::EmptyReply { .. }) {
+                        let unload = UnloadRequest {
+                            instance_id: Some(instance),
+                            ..UnloadRequest::default()
+                        };
+                        let _ = self.ctx.pool.unload(unload).await;
+                    } else {
+                        let _ = self.ctx.pool.models().await;
+                    }
+                }
+                TaskError::Backend(backend)
+                    if backend.is_transient() && transient_tries + 1 < self.retries =>
+                {
+                    transient_tries += 1;
+                    self.ctx.pool.refresh_soon();
+                    let pause = backoff(transient_tries);
+                    tracing::warn!(task = %self.handle.id, %error, try_ = transient_tries, pause_ms = millis(pause), "transient LM Studio error; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                _ => {
+                    self.ctx.pool.refresh_soon();
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    async fn perform(
+        &self,
+        lease: &Lease,
+        candidate: &Candidate,
+        work: &Work<'_>,
+    ) -> Result<Done, TaskError> {
+        match work {
+            Work::Embed(embed) => Ok(Done::Embed(
+                self.ctx
+                    .lmstudio
+                    .embeddings(&lease.instance_id, &embed.input)
+                    .await?,
+            )),
+            Work::Chat(chat) => {
+                let previous_response_id = chat.previous_response_id.clone().or_else(|| {
+                    chat.session
+                        .as_deref()
+                        .and_then(|s| self.ctx.sessions.last_response(s, &candidate.model))
+                });
+                let body = ChatBody {
+                    model: lease.instance_id.clone(),
+                    input: chat.input.clone(),
+                    system_prompt: chat.system_prompt.clone(),
+                    temperature: chat.temperature,
+                    max_output_tokens: chat.max_output_tokens,
+                    previous_response_id,
+                    stream: chat.stream,
+                };
+                let reply = if chat.stream {
+                    self.ctx
+                        .lmstudio
+                        .chat_stream(&body, |event| {
+                            self.sink.send(match event {
+                                StreamEvent::LoadProgress {
+                                    model_instance_id,
+                                    progress,
+                                } => Event::Load {
+                                    model_instance_id,
+                                    progress,
+                                },
+                                StreamEvent::Reasoning(content) => Event::Reasoning { content },
+                                StreamEvent::Message(content) => Event::Delta { content },
+                            })
+                        })
+                        .await?
+                } else {
+                    self.ctx.lmstudio.chat(&body).await?
+                };
+                if reply.text().is_none() {
+                    return Err(TaskError::EmptyReply {
+                        instance: reply.model_instance_id,
+                    });
+                }
+                Ok(Done::Chat(reply))
+            }
+        }
+    }
+
+    fn finish(mut self) -> TaskReport {
+        self.report.total_ms = millis(self.submitted.elapsed());
+        self.report
+    }
+}
+
+/// The instance a task's answer came from (its lease is already returned).
+struct Answered {
+    instance: String,
+}
+
+/// Exponential backoff with jitter: about 100 ms, 200 ms, 400 ms, … capped at 5 s.
+fn backoff(try_number: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << try_number.min(6)).min(5000);
+    Duration::from_millis(base / 2 + fastrand::u64(..=base / 2))
+}
+
+/// Runs `work` until it ends, the task is cancelled, or its deadline passes.
+async fn bounded<T>(
+    cancel: &CancellationToken,
+    deadline: Instant,
+    submitted: Instant,
+    work: impl std::future::Future<Output = Result<T, TaskError>>,
+) -> Result<T, TaskError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(TaskError::Cancelled),
+        _ = tokio::time::sleep_until(deadline.into()) => Err(TaskError::DeadlineExceeded(millis(submitted.elapsed()))),
+        result = work => result,
+    }
+}
+
+/// Runs one chat task; with `stream`, deltas go out as events.
+pub async fn chat(
+    ctx: &Context,
+    request: ChatRequest,
+    sink: &EventSink,
+    cancel: CancellationToken,
+) -> Result<ChatOutcome, TaskError> {
+    let mut task = Task::start(
+        ctx,
+        TaskKind::Chat,
+        &request.model,
+        request.options.clone(),
+        sink,
+        cancel.clone(),
+    );
+    let (deadline, submitted) = (task.deadline, task.submitted);
+    let work = async {
+        let candidates = task.candidates(&request.model, false).await?;
+        task.run(&candidates, &Work::Chat(&request)).await
+    };
+    let (done, answered) = bounded(&cancel, deadline, submitted, work).await?;
+    let Done::Chat(reply) = done else {
+        return Err(TaskError::EmptyReply {
+            instance: answered.instance,
+        });
+    };
+    let report = task.finish();
+    if let (Some(session), Some(response_id)) = (&request.session, &reply.response_id) {
+        ctx.sessions.record(session, &report.model, response_id);
+    }
+    let (content, source) = reply.text().ok_or(TaskError::EmptyReply {
+        instance: answered.instance,
+    })?;
+    Ok(ChatOutcome {
+        content,
+        content_source: match source {
+            TextSource::Message => ContentSource::Message,
+            TextSource::Reasoning => ContentSource::Reasoning,
+        },
+        model_instance_id: reply.model_instance_id,
+        response_id: reply.response_id,
+        usage: Usage {
+            input_tokens: reply.stats.input_tokens,
+            total_output_tokens: reply.stats.total_output_tokens,
+            reasoning_output_tokens: reply.stats.reasoning_output_tokens,
+            model_load_time_seconds: reply
+                .stats
+                .model_load_time_seconds
+                .or((report.load_ms > 0).then_some(report.load_ms as f64 / 1000.0)),
+        },
+        task: report,
+    })
+}
+
+/// Runs one embedding task.
+pub async fn embed(
+    ctx: &Context,
+    request: EmbedRequest,
+    sink: &EventSink,
+    cancel: CancellationToken,
+) -> Result<EmbedOutcome, TaskError> {
+    let mut task = Task::start(
+        ctx,
+        TaskKind::Embed,
+        &request.model,
+        request.options.clone(),
+        sink,
+        cancel.clone(),
+    );
+    let (deadline, submitted) = (task.deadline, task.submitted);
+    let work = async {
+        let candidates = task.candidates(&request.model, true).await?;
+        task.run(&candidates, &Work::Embed(&request)).await
+    };
+    let (done, answered) = bounded(&cancel, deadline, submitted, work).await?;
+    let Done::Embed(embeddings) = done else {
+        return Err(TaskError::EmptyReply {
+            instance: answered.instance,
+        });
+    };
+    Ok(EmbedOutcome {
+        model_instance_id: answered.instance,
+        embeddings,
+        task: task.finish(),
+    })
+}
