@@ -105,7 +105,7 @@ async fn guard(
             });
             Err(Body::from_stream(broken).into_response())
         }
-        Some(fault @ Fault::IgnoreUnload) => Ok(Some(fault)),
+                Some(fault @ (Fault::IgnoreUnload | Fault::EmptyOutput)) => Ok(Some(fault)),
     }
 }
 
@@ -615,16 +615,22 @@ async fn run_chat(
 }
 
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(response) = guard(&shared, Route::Chat, &headers).await {
-        return response;
-    }
+    let fault = match guard(&shared, Route::Chat, &headers).await {
+        Ok(fault) => fault,
+        Err(response) => return response,
+    };
     let body: ChatBody = match parse_body(&body) {
         Ok(body) => body,
         Err(response) => return response,
     };
     if !body.stream {
         return match run_chat(shared, body, None).await {
-            Ok(result) => axum::Json(result).into_response(),
+            Ok(mut result) => {
+                if fault == Some(Fault::EmptyOutput) {
+                    result["output"] = json!([]);
+                }
+                axum::Json(result).into_response()
+            }
             Err(error) => error_response(error),
         };
     }

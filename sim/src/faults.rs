@@ -30,6 +30,8 @@ pub enum Fault {
     DropConnection,
     /// Unload answers success but leaves the instance loaded.
     IgnoreUnload,
+    /// A non-streamed chat answers with no output items at all.
+    EmptyOutput,
 }
 
 /// How many requests a fault hits.

@@ -6,6 +6,7 @@
 mod pool;
 mod service;
 mod support;
+mod tasks;
 
 use std::time::Duration;
 
@@ -82,8 +83,8 @@ async fn load_is_explicit_idempotent_and_applies_settings() {
     let missing = daemon.ctl(&["load", "nobody/no-such-model"]).await;
     assert_eq!(missing.code, 7, "{}", missing.stderr);
     assert!(
-        missing.stderr.contains("lmsd-ctl models"),
-        "{}",
+        missing.stderr.contains("it has: ibm/granite-4-micro"),
+        "the error names the models that exist: {}",
         missing.stderr
     );
 }

@@ -232,7 +232,23 @@ impl TestDaemon {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let out = self.ctl(&all).await;
-        assert_eq!(out.code, 0, "lmsd-ctl {args:?} failed: {}", out.stderr);
+        if out.code != 0 {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!(
+                "lmsd-ctl {args:?} failed ({}): {}\nlmsd's log ends:\n{}",
+                out.code,
+                out.stderr,
+                tail.join("\n")
+            );
+        }
         serde_json::from_str(out.stdout.lines().last().unwrap_or_default())
             .unwrap_or_else(|e| panic!("lmsd-ctl {args:?} printed no JSON ({e}): {}", out.stdout))
     }
@@ -365,4 +381,42 @@ pub async fn chat(
         Outcome::Chat(chat) => Ok(chat),
         other => panic!("not a chat result: {other:?}"),
     }
+}
+
+/// A request line for the raw protocol.
+pub fn chat_line(id: &str, model: &str, extra: serde_json::Value) -> String {
+    let mut request =
+        serde_json::json!({"v": 1, "id": id, "type": "chat", "model": model, "input": "a task"});
+    if let (Some(request), serde_json::Value::Object(extra)) = (request.as_object_mut(), extra) {
+        request.extend(extra);
+    }
+    format!("{request}\n")
+}
+
+/// Sends `lines` on one connection and reads every reply (events too) until `terminal`
+/// results or errors have arrived.
+pub async fn converse(socket: &Path, lines: &[String], terminal: usize) -> Vec<Value> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connects");
+    let (read, mut write) = stream.into_split();
+    for line in lines {
+        write.write_all(line.as_bytes()).await.expect("writes");
+    }
+    let mut replies = BufReader::new(read).lines();
+    let mut out = Vec::new();
+    let mut ended = 0;
+    while ended < terminal {
+        let line = tokio::time::timeout(PATIENCE, replies.next_line())
+            .await
+            .expect("replies in time")
+            .expect("reads")
+            .expect("the connection stays open until every answer");
+        let reply: Value = serde_json::from_str(&line).expect("JSON replies");
+        if reply["type"] != "event" {
+            ended += 1;
+        }
+        out.push(reply);
+    }
+    out
 }

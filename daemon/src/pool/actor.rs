@@ -31,6 +31,9 @@ const AGING_STEP: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Instance {
+    /// Unique per table entry: a lease from an instance that vanished must not release a slot
+    /// of a new instance that got the same id.
+    serial: u64,
     id: String,
     model: String,
     size_bytes: u64,
@@ -140,9 +143,13 @@ struct Actor {
     pins_blocked: BTreeSet<String>,
     /// Ids lmsd unloaded recently: a catalogue read that started before must not resurrect them.
     recently_unloaded: HashMap<String, Instant>,
+    /// Ids of lmsd's instances that vanished: when LM Studio brings one back (a just-in-time
+    /// reload for a chat that was running on it), it is lmsd's again.
+    recently_vanished: HashMap<String, Instant>,
+    next_serial: u64,
     evictions: VecDeque<(Eviction, Instant)>,
     jobs: JoinSet<JobResult>,
-    releases: mpsc::UnboundedSender<String>,
+    releases: mpsc::UnboundedSender<u64>,
 }
 
 pub(super) async fn run(
@@ -177,6 +184,8 @@ pub(super) async fn run(
         pins,
         pins_blocked: BTreeSet::new(),
         recently_unloaded: HashMap::new(),
+        recently_vanished: HashMap::new(),
+        next_serial: 1,
         evictions: VecDeque::new(),
         jobs: JoinSet::new(),
         releases,
@@ -188,7 +197,7 @@ pub(super) async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(command) = commands.recv() => actor.command(command),
-            Some(id) = released.recv() => actor.release(&id),
+                        Some(serial) = released.recv() => actor.release(serial),
             Some(Ok(result)) = actor.jobs.join_next(), if !actor.jobs.is_empty() => actor.job_done(result),
             _ = tick.tick() => {
                 if Instant::now() >= actor.next_poll {
@@ -341,7 +350,7 @@ impl Actor {
 
     fn pin(&mut self, model: String, pinned: bool) -> Result<PinOutcome, PoolError> {
         if self.reachable && !self.catalogue.iter().any(|m| m.key == model) {
-            return Err(PoolError::NotFound { name: model });
+            return Err(self.not_found(model));
         }
         if pinned {
             self.pins.insert(model.clone());
@@ -382,8 +391,8 @@ impl Actor {
         Ok(())
     }
 
-    fn release(&mut self, id: &str) {
-        if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
+    fn release(&mut self, serial: u64) {
+        if let Some(instance) = self.instances.iter_mut().find(|i| i.serial == serial) {
             instance.in_flight = instance.in_flight.saturating_sub(1);
             instance.last_used = Instant::now();
         }
@@ -602,7 +611,9 @@ impl Actor {
             known.ttl_override = ttl_override;
             known.load_time = took;
         } else {
+            let serial = self.serial();
             self.instances.push(Instance {
+                serial,
                 id: reply.instance_id,
                 model: model.to_owned(),
                 size_bytes,
@@ -710,6 +721,8 @@ impl Actor {
 
     /// Converges the table to the catalogue read that started at `started`.
     fn reconcile(&mut self, started: Instant, now: Instant) {
+        self.recently_vanished
+            .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
         self.recently_unloaded
             .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
         let catalogue = self.catalogue.clone();
@@ -730,6 +743,7 @@ impl Actor {
         });
         for (id, in_flight) in &vanished {
             tracing::warn!(instance = %id, in_flight, "instance is gone from LM Studio (unloaded outside lmsd, or LM Studio restarted)");
+            self.recently_vanished.insert(id.clone(), now);
             self.target_gone(id, 0);
         }
         if before > 0 && vanished.len() == before {
@@ -751,14 +765,21 @@ impl Actor {
                     continue;
                 }
                 let duplicate = self.instances.iter().any(|i| i.model == model.key);
+                let returned = self.recently_vanished.remove(&listed.id).is_some();
+                let serial = self.serial();
                 tracing::info!(instance = %listed.id, model = %model.key, duplicate, "instance loaded outside lmsd");
                 self.instances.push(Instance {
+                    serial,
                     id: listed.id.clone(),
                     model: model.key.clone(),
                     size_bytes: model.size_bytes,
                     context_length: listed.config.context_length,
                     parallel: listed.config.parallel.unwrap_or(DEFAULT_PARALLEL).max(1),
-                    loaded_by: LoadedBy::Outside,
+                    loaded_by: if returned {
+                        LoadedBy::Lmsd
+                    } else {
+                        LoadedBy::Outside
+                    },
                     ttl_override: None,
                     in_flight: 0,
                     last_used: now,
@@ -803,11 +824,12 @@ impl Actor {
         self.instances
             .iter()
             .map(|i| Resident {
-                held: !starving
-                    && !i.swap_out
-                    && i.uses > 0
-                    && i.in_flight == 0
-                    && now.saturating_duration_since(i.last_used) < self.settings.turn_hold,
+                held: self.wanted(&i.model)
+                    || (!starving
+                        && !i.swap_out
+                        && i.uses > 0
+                        && i.in_flight == 0
+                        && now.saturating_duration_since(i.last_used) < self.settings.turn_hold),
                 id: i.id.clone(),
                 model: i.model.clone(),
                 bytes: self.bytes(i.size_bytes),
@@ -844,6 +866,12 @@ impl Actor {
             Fit::Fits if used + need > self.settings.budget_bytes => {
                 Fit::WaitForBusy { busy: Vec::new() }
             }
+            // Loads in progress hold memory that becomes evictable once they are instances.
+            Fit::Never { .. } if !self.loads.is_empty() && need <= self.settings.budget_bytes => {
+                Fit::WaitForBusy {
+                    busy: self.loads.keys().cloned().collect(),
+                }
+            }
             fit => fit,
         }
     }
@@ -853,8 +881,16 @@ impl Actor {
         for instance in &mut self.instances {
             instance.swap_out = false;
         }
+        // Waiters for a model keep its instances: a fresh instance must reach the task that
+        // caused its load before a zero TTL or another task's eviction can take it.
         for id in policy::expired(&self.residents(now, false), now) {
-            self.start_unload(&id, "idle_ttl");
+            if !self
+                .instances
+                .iter()
+                .any(|i| i.id == id && self.wanted(&i.model))
+            {
+                self.start_unload(&id, "idle_ttl");
+            }
         }
         let drained: Vec<String> = self
             .instances
@@ -1019,6 +1055,26 @@ impl Actor {
         }
     }
 
+    /// Does a task wait for an instance of `model`?
+    fn wanted(&self, model: &str) -> bool {
+        self.waiters
+            .iter()
+            .any(|w| w.model == model && matches!(w.waiting, Waiting::Acquire(_)))
+    }
+
+    fn serial(&mut self) -> u64 {
+        self.next_serial += 1;
+        self.next_serial
+    }
+
+    /// A not-found error that names the models LM Studio does have.
+    fn not_found(&self, name: String) -> PoolError {
+        PoolError::NotFound {
+            name,
+            known: self.catalogue.iter().map(|m| m.key.clone()).collect(),
+        }
+    }
+
     /// The catalogue entry for a key, or for the model of a loaded instance id.
     fn model_named(&self, name: &str) -> Option<Model> {
         let key = self
@@ -1039,7 +1095,7 @@ impl Actor {
             return (instance.in_flight < instance.parallel).then_some(Ok(()));
         }
         let Some(model) = self.model_named(&name) else {
-            return Some(Err(PoolError::NotFound { name }));
+            return Some(Err(self.not_found(name)));
         };
         let mut candidates = self
             .instances
@@ -1072,9 +1128,7 @@ impl Actor {
             .find(|m| m.key == request.model)
             .cloned()
         else {
-            return Some(Err(PoolError::NotFound {
-                name: request.model,
-            }));
+            return Some(Err(self.not_found(request.model)));
         };
         if request.pin {
             self.pins.insert(model.key.clone());
@@ -1099,7 +1153,11 @@ impl Actor {
         ttl: Option<Ttl>,
         now: Instant,
     ) -> Option<Result<(), PoolError>> {
-        if self.loads.contains_key(&model.key) {
+        // One load per model; and while evictions for memory run, LM Studio's real memory is in
+        // flux: wait for them rather than race a load into them.
+        if self.loads.contains_key(&model.key)
+            || self.instances.iter().any(|i| i.unloading == Some("memory"))
+        {
             return None;
         }
         let (need_bytes, budget_bytes) = (self.bytes(model.size_bytes), self.settings.budget_bytes);
@@ -1169,7 +1227,7 @@ impl Actor {
             return Some(if known_key {
                 Ok(())
             } else {
-                Err(PoolError::NotFound { name })
+                Err(self.not_found(name))
             });
         }
         let models: BTreeSet<String> = self
@@ -1209,9 +1267,7 @@ impl Actor {
             .filter(|i| i.in_flight < i.parallel)
             .min_by_key(|i| (i.id != name, i.in_flight));
         let Some(instance) = chosen else {
-            let _ = reply.send(Err(PoolError::NotFound {
-                name: name.to_owned(),
-            }));
+            let _ = reply.send(Err(self.not_found(name.to_owned())));
             return;
         };
         instance.in_flight += 1;
@@ -1220,6 +1276,7 @@ impl Actor {
             instance.ttl_override = ttl;
         }
         let lease = Lease {
+            serial: instance.serial,
             instance_id: instance.id.clone(),
             model: instance.model.clone(),
             load_time: load_seen,

@@ -80,10 +80,8 @@ impl PoolSettings {
 pub enum PoolError {
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error(
-        "LM Studio has no model or loaded instance {name:?}; `lmsd-ctl models` lists the keys"
-    )]
-    NotFound { name: String },
+    #[error("LM Studio has no model or loaded instance {name:?}; it has: {}", known_text(.known))]
+    NotFound { name: String, known: Vec<String> },
     #[error("{model} needs {need_bytes} bytes but the memory budget is {budget_bytes} bytes{}", holders_text(.holders, *.waited))]
     BudgetExceeded {
         model: String,
@@ -104,6 +102,26 @@ pub enum PoolError {
     DeadlineExceeded,
     #[error("{0}")]
     Config(String),
+}
+
+fn known_text(known: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut text = known
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if known.len() > SHOWN {
+        text.push_str(&format!(
+            " and {} more (`lmsd-ctl models` lists them)",
+            known.len() - SHOWN
+        ));
+    }
+    if known.is_empty() {
+        text = "no models".into();
+    }
+    text
 }
 
 fn holders_text(holders: &[String], waited: bool) -> String {
@@ -151,12 +169,13 @@ pub struct Lease {
     pub model: String,
     /// Set when this task waited for a load of its model; how long that load took.
     pub load_time: Option<Duration>,
-    releases: mpsc::UnboundedSender<String>,
+    serial: u64,
+    releases: mpsc::UnboundedSender<u64>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = self.releases.send(std::mem::take(&mut self.instance_id));
+        let _ = self.releases.send(self.serial);
     }
 }
 

@@ -36,7 +36,7 @@ pub enum TaskError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("LM Studio answered with neither message nor reasoning text (instance {instance}), also after a reload")]
+    #[error("LM Studio answered with neither message nor reasoning text (instance {instance})")]
     EmptyReply { instance: String },
     #[error("no model meets the task's needs{0}; `lmsd-ctl models` lists what there is")]
     NoModel(String),
