@@ -569,6 +569,16 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_config_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start =
+            readme.find("```toml\n").expect("the README shows a config") + "```toml\n".len();
+        let end = start + readme[start..].find("```").expect("the block ends");
+        let config = Config::parse(&readme[start..end]).expect("the README's config parses");
+        assert!(config.models["ibm/granite-4-micro"].pinned);
+    }
+
+    #[test]
     fn check_config_output_hides_the_token_and_reads_back() {
         let config = Config::parse("[lmstudio]\ntoken = \"sk-lm-abc:secret\"\n").unwrap();
         let shown = config.to_redacted_toml();
