@@ -249,6 +249,16 @@ enum Done {
     Embed(Vec<Vec<f64>>),
 }
 
+impl Done {
+    /// A chat's text and where it came from; `None` for embeddings or an empty chat.
+    fn text(&self) -> Option<(String, TextSource)> {
+        match self {
+            Done::Chat(reply) => reply.text(),
+            Done::Embed(_) => None,
+        }
+    }
+}
+
 impl<'a> Task<'a> {
     fn start(
         ctx: &'a Context,
@@ -573,6 +583,28 @@ async fn bounded<T>(
     }
 }
 
+/// Registers a task, chooses its candidates and runs it to its end, its deadline or its
+/// cancellation.
+async fn run_task(
+    ctx: &Context,
+    kind: TaskKind,
+    model: &str,
+    options: TaskOptions,
+    work: Work<'_>,
+    sink: &EventSink,
+    cancel: CancellationToken,
+) -> Result<(Done, Answered, TaskReport), TaskError> {
+    let mut task = Task::start(ctx, kind, model, options, sink, cancel.clone());
+    let (deadline, submitted) = (task.deadline, task.submitted);
+    let embedding = kind == TaskKind::Embed;
+    let run = async {
+        let candidates = task.candidates(model, embedding).await?;
+        task.run(&candidates, &work).await
+    };
+    let (done, answered) = bounded(&cancel, deadline, submitted, run).await?;
+    Ok((done, answered, task.finish()))
+}
+
 /// Runs one chat task; with `stream`, deltas go out as events.
 pub async fn chat(
     ctx: &Context,
@@ -580,40 +612,33 @@ pub async fn chat(
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<ChatOutcome, TaskError> {
-    let mut task = Task::start(
+    let work = Work::Chat(&request);
+    let (done, answered, report) = run_task(
         ctx,
         TaskKind::Chat,
         &request.model,
         request.options.clone(),
+        work,
         sink,
-        cancel.clone(),
-    );
-    let (deadline, submitted) = (task.deadline, task.submitted);
-    let work = async {
-        let candidates = task.candidates(&request.model, false).await?;
-        task.run(&candidates, &Work::Chat(&request)).await
-    };
-    let (done, answered) = bounded(&cancel, deadline, submitted, work).await?;
-    let Done::Chat(reply) = done else {
+        cancel,
+    )
+    .await?;
+    let (Done::Chat(reply), Some((content, source))) = (&done, done.text()) else {
         return Err(TaskError::EmptyReply {
             instance: answered.instance,
         });
     };
-    let report = task.finish();
     if let (Some(session), Some(response_id)) = (&request.session, &reply.response_id) {
         ctx.sessions.record(session, &report.model, response_id);
     }
-    let (content, source) = reply.text().ok_or(TaskError::EmptyReply {
-        instance: answered.instance,
-    })?;
     Ok(ChatOutcome {
         content,
         content_source: match source {
             TextSource::Message => ContentSource::Message,
             TextSource::Reasoning => ContentSource::Reasoning,
         },
-        model_instance_id: reply.model_instance_id,
-        response_id: reply.response_id,
+        model_instance_id: reply.model_instance_id.clone(),
+        response_id: reply.response_id.clone(),
         usage: Usage {
             input_tokens: reply.stats.input_tokens,
             total_output_tokens: reply.stats.total_output_tokens,
@@ -634,20 +659,17 @@ pub async fn embed(
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<EmbedOutcome, TaskError> {
-    let mut task = Task::start(
+    let work = Work::Embed(&request);
+    let (done, answered, report) = run_task(
         ctx,
         TaskKind::Embed,
         &request.model,
         request.options.clone(),
+        work,
         sink,
-        cancel.clone(),
-    );
-    let (deadline, submitted) = (task.deadline, task.submitted);
-    let work = async {
-        let candidates = task.candidates(&request.model, true).await?;
-        task.run(&candidates, &Work::Embed(&request)).await
-    };
-    let (done, answered) = bounded(&cancel, deadline, submitted, work).await?;
+        cancel,
+    )
+    .await?;
     let Done::Embed(embeddings) = done else {
         return Err(TaskError::EmptyReply {
             instance: answered.instance,
@@ -656,6 +678,6 @@ pub async fn embed(
     Ok(EmbedOutcome {
         model_instance_id: answered.instance,
         embeddings,
-        task: task.finish(),
+        task: report,
     })
 }
