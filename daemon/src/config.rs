@@ -72,6 +72,9 @@ pub struct PoolConfig {
     /// (after a tool step) finds it warm — unless a task has waited longer than `max_wait`.
     #[serde(with = "humantime_serde")]
     pub turn_hold: Duration,
+    /// Instances per model. Above 1, a model whose slots are all busy gets another instance
+    /// when it fits without evicting anything.
+    pub max_instances: usize,
 }
 
 impl Default for PoolConfig {
@@ -83,6 +86,7 @@ impl Default for PoolConfig {
             manage_external: false,
             unload_on_exit: false,
             turn_hold: Duration::from_secs(10),
+            max_instances: 1,
         }
     }
 }
@@ -407,6 +411,11 @@ impl Config {
         if self.tasks.max_wait.is_zero() || self.tasks.default_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "[tasks] max_wait and default_timeout must be more than 0".into(),
+            ));
+        }
+        if self.pool.max_instances == 0 {
+            return Err(ConfigError::Invalid(
+                "[pool] max_instances must be at least 1".into(),
             ));
         }
         if self.tasks.max_queue == 0 || self.tasks.retries == 0 {

@@ -102,6 +102,7 @@ pub async fn run(
         registry: Arc::new(tasks::registry::Registry::default()),
         sessions: Arc::new(tasks::sessions::Sessions::open(config.sessions_file())),
         reloader: reloader.clone(),
+        stopping: shutdown.clone(),
         started: Instant::now(),
         simulated: backend == BackendKind::Simulated,
     };
@@ -119,9 +120,12 @@ pub async fn run(
     side_tasks.spawn(service::report_status(pool.clone()));
     side_tasks.spawn({
         let shutdown = shutdown.clone();
+        let pool = pool.clone();
         async move {
             shutdown.cancelled().await;
             service::notify(&[NotifyState::Stopping]);
+            // Running tasks may finish; queued ones cannot start and are answered so.
+            pool.drain().await;
         }
     });
     tracing::info!(

@@ -140,6 +140,8 @@ pub async fn serve(
         peers,
     } = options;
     let connections = TaskTracker::new();
+    // Cancelled when the shutdown grace runs out: the tasks still running are answered.
+    let abort = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         // Waiting for a free slot before accepting leaves extra clients in the kernel's backlog
@@ -178,8 +180,9 @@ pub async fn serve(
         let stream = UnixStream::from(stream);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let abort = abort.child_token();
         connections.spawn(async move {
-            serve_connection(stream, ctx, shutdown).await;
+            serve_connection(stream, ctx, shutdown, abort).await;
             drop(slot);
         });
     }
@@ -192,8 +195,11 @@ pub async fn serve(
     {
         tracing::warn!(
             grace_s = grace.as_secs(),
-            "requests still running after the shutdown grace; stopping anyway"
+            "tasks still running after the shutdown grace; ending them"
         );
+        abort.cancel();
+        // Their `shutting_down` answers take a moment to be written.
+        let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
     }
 }
 
@@ -209,11 +215,15 @@ fn hung_up(stream: &UnixStream) -> bool {
         .is_some_and(|ready| ready.map_or(true, |r| r.is_write_closed()))
 }
 
-async fn serve_connection(stream: UnixStream, ctx: Context, shutdown: CancellationToken) {
+async fn serve_connection(
+    stream: UnixStream,
+    ctx: Context,
+    shutdown: CancellationToken,
+    gone: CancellationToken,
+) {
     let (read, mut write) = stream.into_split();
     let (replies, mut outbox) = mpsc::channel::<Reply>(REPLY_QUEUE);
-    // Cancelled when the client is gone; its tasks are cancelled with it.
-    let gone = CancellationToken::new();
+    // `gone`: cancelled when the client is gone (or the grace ran out); its tasks end with it.
     let writer = tokio::spawn({
         let gone = gone.clone();
         async move {

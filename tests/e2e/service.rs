@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use lmsd_proto::Ttl;
-use lmstudio_sim::SimConfig;
+use lmstudio_sim::{Fault, Route, SimConfig, Times};
 
 use crate::support::*;
 
@@ -228,5 +228,71 @@ async fn unload_on_exit_unloads_what_lmsd_loaded_except_pins() {
         left,
         ["qwen/qwen3-4b", "qwen/qwen3-vl-4b"],
         "the pin and the outside load stay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_queued_tasks_hear_shutting_down_and_running_ones_finish_or_are_ended_at_the_grace(
+) {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start(&sim.url()).await;
+    daemon.ctl_json(&["load", GRANITE]).await;
+    sim.inject(
+        Route::Chat,
+        Fault::Delay(Duration::from_millis(1500)),
+        Times::N(4),
+    );
+    let lines: Vec<String> = (0..5)
+        .map(|n| chat_line(&format!("s{n}"), GRANITE, serde_json::json!({})))
+        .collect();
+    let socket = daemon.socket.clone();
+    let talk = tokio::spawn(async move { converse(&socket, &lines, 5).await });
+    eventually("four chats running", || sim.stats().chat_requests == 4).await;
+    assert_eq!(daemon.terminate().await, Some(0));
+    let replies = talk.await.unwrap();
+    let terminal: Vec<&serde_json::Value> =
+        replies.iter().filter(|r| r["type"] != "event").collect();
+    assert_eq!(
+        terminal.iter().filter(|r| r["type"] == "result").count(),
+        4,
+        "{terminal:?}"
+    );
+    assert_eq!(
+        terminal
+            .iter()
+            .filter(|r| r["error"]["code"] == "shutting_down")
+            .count(),
+        1,
+        "{terminal:?}"
+    );
+
+    // A task still running when the grace runs out is answered too.
+    let daemon =
+        TestDaemon::start_configured(&sim.url(), "shutdown_grace = \"300ms\"", "", &[]).await;
+    sim.inject(
+        Route::Chat,
+        Fault::Delay(Duration::from_secs(5)),
+        Times::Once,
+    );
+    let before = sim.stats().chat_requests;
+    let socket = daemon.socket.clone();
+    let talk = tokio::spawn(async move {
+        converse(
+            &socket,
+            &[chat_line("long", GRANITE, serde_json::json!({}))],
+            1,
+        )
+        .await
+    });
+    eventually("the long chat running", || {
+        sim.stats().chat_requests == before + 1
+    })
+    .await;
+    assert_eq!(daemon.terminate().await, Some(0));
+    let replies = talk.await.unwrap();
+    assert_eq!(
+        replies.last().unwrap()["error"]["code"],
+        "shutting_down",
+        "{replies:?}"
     );
 }

@@ -84,8 +84,13 @@ pub struct TestDaemon {
 /// The fixture's config: a temp socket and `server_extra` in `[server]`; a fast poll and short
 /// timeouts in `[lmstudio]`; then `extra`.
 fn config_text(socket: &Path, url: &str, server_extra: &str, extra: &str) -> String {
+    let grace = if server_extra.contains("shutdown_grace") {
+        ""
+    } else {
+        "shutdown_grace = \"5s\"\n"
+    };
     format!(
-        "[server]\nsocket = {socket:?}\nshutdown_grace = \"5s\"\n{server_extra}\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{extra}\n"
+        "[server]\nsocket = {socket:?}\n{grace}{server_extra}\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{extra}\n"
     )
 }
 

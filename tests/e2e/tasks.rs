@@ -600,3 +600,39 @@ async fn ctl_works_as_the_old_scripts_did() {
         .unwrap();
     assert_eq!(granite.ttl, lmsd_proto::Ttl::Never);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_model_gets_a_second_instance_when_allowed() {
+    let mut config = SimConfig::zero_delay();
+    config.token_delay = Duration::from_millis(5);
+    let sim = start_sim(config).await;
+    let daemon = TestDaemon::start_with(&sim.url(), "[pool]\nmax_instances = 2\n", &[]).await;
+    let lines: Vec<String> = (0..16)
+        .map(|n| chat_line(&format!("m{n}"), GRANITE, json!({})))
+        .collect();
+    let replies = converse(&daemon.socket, &lines, 16).await;
+    assert!(
+        replies.iter().filter(|r| r["type"] == "result").count() == 16,
+        "{replies:?}"
+    );
+    let mut loaded = sim.loaded_instances();
+    loaded.sort();
+    assert_eq!(loaded, [GRANITE.to_string(), format!("{GRANITE}:2")]);
+    assert_eq!(sim.stats().loads, 2);
+    assert!(sim.stats().max_in_flight <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_moves_on_to_smaller_models_only() {
+    let mut config = SimConfig::zero_delay();
+    config.memory_bytes = 3_000_000_000;
+    let sim = start_sim(config).await;
+    let daemon = TestDaemon::start(&sim.url()).await;
+    let gemma = "google/gemma-3-12b";
+    // VL (3.3 GB) does not fit LM Studio's 3 GB; Gemma is bigger still and is skipped.
+    let reply = daemon
+        .ctl_json(&["chat", VL, "hi", "--prefer", gemma, "--prefer", GRANITE])
+        .await;
+    assert_eq!(reply["model"], GRANITE);
+    assert_eq!(reply["attempts"], 2, "VL, then Granite; never Gemma");
+}

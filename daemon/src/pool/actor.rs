@@ -147,6 +147,8 @@ struct Actor {
     /// reload for a chat that was running on it), it is lmsd's again.
     recently_vanished: HashMap<String, Instant>,
     next_serial: u64,
+    /// Set by `Drain`: no new tasks start.
+    stopping: bool,
     evictions: VecDeque<(Eviction, Instant)>,
     jobs: JoinSet<JobResult>,
     releases: mpsc::UnboundedSender<u64>,
@@ -186,6 +188,7 @@ pub(super) async fn run(
         recently_unloaded: HashMap::new(),
         recently_vanished: HashMap::new(),
         next_serial: 1,
+        stopping: false,
         evictions: VecDeque::new(),
         jobs: JoinSet::new(),
         releases,
@@ -275,6 +278,14 @@ impl Actor {
                     reply,
                 };
                 (String::new(), None, 0, waiting)
+            }
+            Command::Acquire { reply, .. } if self.stopping => {
+                let _ = reply.send(Err(PoolError::ShuttingDown));
+                return;
+            }
+            Command::Drain => {
+                self.drain();
+                return;
             }
             Command::Acquire { request, reply } => {
                 let queued = self
@@ -389,6 +400,19 @@ impl Actor {
         self.settings = settings;
         tracing::info!(budget_bytes = self.settings.budget_bytes, idle_ttl = %self.settings.idle_ttl, pins = ?self.pins, "pool settings applied");
         Ok(())
+    }
+
+    /// Stopping: tasks that have not started yet will not; they and any new ones hear so.
+    fn drain(&mut self) {
+        self.stopping = true;
+        let (queued, kept): (VecDeque<Waiter>, VecDeque<Waiter>) = self
+            .waiters
+            .drain(..)
+            .partition(|w| matches!(w.waiting, Waiting::Acquire(_)));
+        self.waiters = kept;
+        for waiter in queued {
+            waiter.fail(PoolError::ShuttingDown);
+        }
     }
 
     fn release(&mut self, serial: u64) {
@@ -1055,6 +1079,10 @@ impl Actor {
         }
     }
 
+    fn is_model_key(&self, name: &str) -> bool {
+        self.catalogue.iter().any(|m| m.key == name)
+    }
+
     /// Does a task wait for an instance of `model`?
     fn wanted(&self, model: &str) -> bool {
         self.waiters
@@ -1090,22 +1118,36 @@ impl Actor {
     fn serve_acquire(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
         let name = self.waiters[index].model.clone();
         let usable = |i: &Instance| i.unloading.is_none() && !i.draining && !i.swap_out;
-        // An instance id names that instance only.
-        if let Some(instance) = self.instances.iter().find(|i| i.id == name && usable(i)) {
-            return (instance.in_flight < instance.parallel).then_some(Ok(()));
+        // An instance id names that instance only (the first instance's id is the model key:
+        // a key means any instance of the model).
+        if !self.is_model_key(&name) {
+            if let Some(instance) = self.instances.iter().find(|i| i.id == name && usable(i)) {
+                return (instance.in_flight < instance.parallel).then_some(Ok(()));
+            }
         }
         let Some(model) = self.model_named(&name) else {
             return Some(Err(self.not_found(name)));
         };
-        let mut candidates = self
+        let (count, free_slot) = self
             .instances
             .iter()
             .filter(|i| i.model == model.key && usable(i))
-            .peekable();
-        if candidates.peek().is_some() {
-            return candidates
-                .any(|i| i.in_flight < i.parallel)
-                .then_some(Ok(()));
+            .fold((0, false), |(count, free), i| {
+                (count + 1, free || i.in_flight < i.parallel)
+            });
+        if free_slot {
+            return Some(Ok(()));
+        }
+        if count > 0 {
+            // Every slot is busy. A further instance, on purpose, when the config allows it and it
+            // fits without evicting anything; otherwise the task waits for a slot.
+            let more_allowed =
+                count < self.settings.max_instances && !self.loads.contains_key(&model.key);
+            if more_allowed && self.fit(&model, now, false) == Fit::Fits {
+                tracing::info!(model = %model.key, instances = count + 1, "all slots busy: loading another instance");
+                self.start_load(&model, None, None);
+            }
+            return None;
         }
         let waiter = &self.waiters[index];
         let ttl = waiter.ttl;
@@ -1255,17 +1297,20 @@ impl Actor {
         load_seen: Option<Duration>,
         reply: Reply<Lease>,
     ) {
+        let by_key = self.is_model_key(name);
         let chosen = self
             .instances
             .iter_mut()
             .filter(|i| {
-                (i.id == name || i.model == name)
-                    && i.unloading.is_none()
-                    && !i.draining
-                    && !i.swap_out
+                if by_key {
+                    i.model == name
+                } else {
+                    i.id == name
+                }
             })
+            .filter(|i| i.unloading.is_none() && !i.draining && !i.swap_out)
             .filter(|i| i.in_flight < i.parallel)
-            .min_by_key(|i| (i.id != name, i.in_flight));
+            .min_by_key(|i| i.in_flight);
         let Some(instance) = chosen else {
             let _ = reply.send(Err(self.not_found(name.to_owned())));
             return;

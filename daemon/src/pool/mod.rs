@@ -33,6 +33,7 @@ pub struct PoolSettings {
     pub poll_interval: Duration,
     pub turn_hold: Duration,
     pub max_queue: usize,
+    pub max_instances: usize,
 }
 
 impl PoolSettings {
@@ -50,6 +51,7 @@ impl PoolSettings {
             poll_interval: config.lmstudio.poll_interval,
             turn_hold: config.pool.turn_hold,
             max_queue: config.tasks.max_queue,
+            max_instances: config.pool.max_instances,
         })
     }
 
@@ -227,6 +229,7 @@ enum Command {
     UnloadOwn {
         reply: Reply<UnloadOutcome>,
     },
+    Drain,
 }
 
 /// Cheap, cloneable access to the pool actor.
@@ -247,6 +250,7 @@ impl std::fmt::Debug for Command {
             Command::RefreshSoon => "RefreshSoon",
             Command::Reconfigure { .. } => "Reconfigure",
             Command::UnloadOwn { .. } => "UnloadOwn",
+            Command::Drain => "Drain",
         })
     }
 }
@@ -308,6 +312,11 @@ impl PoolHandle {
     /// Unloads the unpinned instances lmsd loaded (for `[pool] unload_on_exit`).
     pub async fn unload_own(&self) -> Result<UnloadOutcome, PoolError> {
         self.ask(|reply| Command::UnloadOwn { reply }).await
+    }
+
+    /// Stopping: queued tasks are answered `shutting_down`, and no new ones start.
+    pub async fn drain(&self) {
+        let _ = self.commands.send(Command::Drain).await;
     }
 
     /// After a backend error: re-read the catalogue soon, without waiting for it.

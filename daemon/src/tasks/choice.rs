@@ -9,6 +9,8 @@ use crate::lmstudio::{Model, ModelType};
 pub struct Candidate {
     pub model: String,
     pub reason: String,
+    /// Its size, when known: after an out-of-memory only smaller candidates are tried.
+    pub size_bytes: Option<u64>,
 }
 
 /// What choice needs to know of the pool.
@@ -58,6 +60,7 @@ pub fn choose(
             chosen.push(Candidate {
                 model: model.key.clone(),
                 reason: reason.to_owned(),
+                size_bytes: Some(model.size_bytes),
             });
         }
     };

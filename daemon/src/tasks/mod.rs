@@ -85,6 +85,16 @@ impl TaskError {
         WireError::new(code, self.to_string())
     }
 
+    fn is_out_of_memory(&self) -> bool {
+        matches!(
+            self,
+            TaskError::Pool(
+                PoolError::BudgetExceeded { .. }
+                    | PoolError::Backend(BackendError::OutOfMemory { .. })
+            ) | TaskError::Backend(BackendError::OutOfMemory { .. })
+        )
+    }
+
     /// Worth trying the next candidate model after this?
     fn next_candidate_may_help(&self) -> bool {
         matches!(
@@ -127,6 +137,8 @@ pub struct Context {
     pub config: watch::Receiver<Arc<Config>>,
     pub registry: Arc<Registry>,
     pub sessions: Arc<Sessions>,
+    /// Cancelled when lmsd begins to stop.
+    pub stopping: CancellationToken,
     pub started: Instant,
     pub simulated: bool,
 }
@@ -300,24 +312,41 @@ impl<'a> Task<'a> {
         requested: &str,
         embedding: bool,
     ) -> Result<Vec<Candidate>, TaskError> {
-        if requested != "auto" {
-            let mut list = vec![Candidate {
+        let named = requested != "auto";
+        if named && self.options.prefer.is_empty() {
+            return Ok(vec![Candidate {
                 model: requested.to_owned(),
                 reason: "requested".into(),
-            }];
-            for key in self.options.prefer.iter().filter(|k| *k != requested) {
-                list.push(Candidate {
-                    model: key.clone(),
-                    reason: "fallback from the prefer list".into(),
-                });
-            }
-            return Ok(list);
+                size_bytes: None,
+            }]);
         }
         let status = self.ctx.pool.status().await?;
         if !status.reachable {
             if let Some(error) = status.last_error {
                 return Err(TaskError::Backend(error));
             }
+        }
+        let size_of = |key: &str| {
+            status
+                .catalogue
+                .iter()
+                .find(|m| m.key == key)
+                .map(|m| m.size_bytes)
+        };
+        if named {
+            let mut list = vec![Candidate {
+                model: requested.to_owned(),
+                reason: "requested".into(),
+                size_bytes: size_of(requested),
+            }];
+            for key in self.options.prefer.iter().filter(|k| *k != requested) {
+                list.push(Candidate {
+                    model: key.clone(),
+                    reason: "fallback from the prefer list".into(),
+                    size_bytes: size_of(key),
+                });
+            }
+            return Ok(list);
         }
         let view = PoolView {
             loaded: status
@@ -407,7 +436,14 @@ impl<'a> Task<'a> {
         work: &Work<'_>,
     ) -> Result<(Done, Answered), TaskError> {
         let mut last_error = None;
+        // After a model ran out of memory, only smaller ones are worth a try.
+        let mut smaller_than: Option<u64> = None;
         for candidate in candidates {
+            if let (Some(limit), Some(size)) = (smaller_than, candidate.size_bytes) {
+                if size >= limit {
+                    continue;
+                }
+            }
             match self.run_on(candidate, work).await {
                 Ok(done) => {
                     self.report.model = candidate.model.clone();
@@ -415,6 +451,9 @@ impl<'a> Task<'a> {
                     return Ok(done);
                 }
                 Err(error) if error.next_candidate_may_help() => {
+                    if error.is_out_of_memory() {
+                        smaller_than = candidate.size_bytes.or(smaller_than);
+                    }
                     tracing::info!(task = %self.handle.id, model = %candidate.model, %error, "trying the next candidate");
                     last_error = Some(error);
                 }
@@ -446,9 +485,20 @@ impl<'a> Task<'a> {
         };
         let mut transient_tries = 0;
         let mut reloaded = false;
+        let mut reread = false;
         loop {
             self.report.attempts += 1;
-            let lease = self.acquire(&candidate.model, ttl, context_length).await?;
+            let lease = match self.acquire(&candidate.model, ttl, context_length).await {
+                Ok(lease) => lease,
+                // The catalogue may be stale (a model downloaded a moment ago): read it again
+                // once before giving up on the name.
+                Err(TaskError::Pool(PoolError::NotFound { .. })) if !reread => {
+                    reread = true;
+                    let _ = self.ctx.pool.models().await;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let instance = lease.instance_id.clone();
             let result = self.perform(&lease, candidate, work).await;
             drop(lease);
@@ -570,6 +620,7 @@ fn backoff(try_number: u32) -> Duration {
 
 /// Runs `work` until it ends, the task is cancelled, or its deadline passes.
 async fn bounded<T>(
+    stopping: &CancellationToken,
     cancel: &CancellationToken,
     deadline: Instant,
     submitted: Instant,
@@ -577,7 +628,11 @@ async fn bounded<T>(
 ) -> Result<T, TaskError> {
     tokio::select! {
         biased;
-        _ = cancel.cancelled() => Err(TaskError::Cancelled),
+                        _ = cancel.cancelled() => Err(if stopping.is_cancelled() {
+            TaskError::Pool(PoolError::ShuttingDown)
+        } else {
+            TaskError::Cancelled
+        }),
         _ = tokio::time::sleep_until(deadline.into()) => Err(TaskError::DeadlineExceeded(millis(submitted.elapsed()))),
         result = work => result,
     }
@@ -601,7 +656,7 @@ async fn run_task(
         let candidates = task.candidates(model, embedding).await?;
         task.run(&candidates, &work).await
     };
-    let (done, answered) = bounded(&cancel, deadline, submitted, run).await?;
+    let (done, answered) = bounded(&ctx.stopping, &cancel, deadline, submitted, run).await?;
     Ok((done, answered, task.finish()))
 }
 
