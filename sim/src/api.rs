@@ -109,6 +109,14 @@ async fn guard(
     }
 }
 
+/// Sleeps, except for zero: tokio rounds any sleep up to its 1 ms timer tick, which would make
+/// zero-delay mode cost a millisecond per token.
+async fn pause(duration: Duration) {
+    if !duration.is_zero() {
+        tokio::time::sleep(duration).await;
+    }
+}
+
 /// Parses a request body strictly, answering as LM Studio's validator does.
 fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| {
@@ -223,7 +231,7 @@ async fn load_instance(
     };
     const STEPS: u32 = 4;
     for step in 1..=STEPS {
-        tokio::time::sleep(load_time / STEPS).await;
+        pause(load_time / STEPS).await;
         on_progress(f64::from(step) / f64::from(STEPS));
     }
     let id = shared.lock().finish_load(ticket, Instant::now());
@@ -568,7 +576,7 @@ async fn run_chat(
         };
         emit(&tx, start, json!({})).await;
         for token in tokens {
-            tokio::time::sleep(token_delay).await;
+            pause(token_delay).await;
             emit(&tx, delta, json!({"content": token})).await;
         }
         emit(&tx, end, json!({})).await;

@@ -248,6 +248,8 @@ struct Task<'a> {
     retries: u32,
     sink: &'a EventSink,
     report: TaskReport,
+    /// Time spent loading models for this task, if it waited for a load.
+    load_time: Option<Duration>,
 }
 
 /// What a task does once it holds a slot: a chat or an embedding.
@@ -303,6 +305,7 @@ impl<'a> Task<'a> {
             options,
             retries: config.tasks.retries,
             sink,
+            load_time: None,
         }
     }
 
@@ -415,6 +418,9 @@ impl<'a> Task<'a> {
         let waited = started.elapsed();
         let load = lease.load_time.unwrap_or_default().min(waited);
         self.report.load_ms += millis(load);
+        if let Some(loaded) = lease.load_time {
+            self.load_time = Some(self.load_time.unwrap_or_default() + loaded);
+        }
         self.report.queued_ms += millis(waited - load);
         if let Some(load) = lease.load_time {
             self.sink
@@ -504,7 +510,15 @@ impl<'a> Task<'a> {
             drop(lease);
             self.handle.set_instance(None);
             let error = match result {
-                Ok(done) => return Ok((done, Answered { instance })),
+                Ok(done) => {
+                    return Ok((
+                        done,
+                        Answered {
+                            instance,
+                            load_time: self.load_time,
+                        },
+                    ))
+                }
                 Err(error) => error,
             };
             match &error {
@@ -610,6 +624,8 @@ impl<'a> Task<'a> {
 /// The instance a task's answer came from (its lease is already returned).
 struct Answered {
     instance: String,
+    /// Load time this task waited for, if any.
+    load_time: Option<Duration>,
 }
 
 /// Exponential backoff with jitter: about 100 ms, 200 ms, 400 ms, … capped at 5 s.
@@ -701,7 +717,7 @@ pub async fn chat(
             model_load_time_seconds: reply
                 .stats
                 .model_load_time_seconds
-                .or((report.load_ms > 0).then_some(report.load_ms as f64 / 1000.0)),
+                .or(answered.load_time.map(|d| d.as_secs_f64())),
         },
         task: report,
     })

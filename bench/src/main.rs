@@ -1,0 +1,209 @@
+//! `lmsd-bench`: lmsd's benchmarks. Starts the simulator (zero-delay) and the real `lmsd`
+//! binary, runs each measurement against a baseline taken in the same run, prints a table and
+//! writes JSON.
+
+mod live;
+mod replay;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::json;
+
+/// Measures lmsd: P1 dispatch overhead, P2 throughput, P3 memory, P4 pool policy quality,
+/// P5 start-up and CLI time. Build first: `cargo build --release --bins`.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// A few seconds instead of a few minutes: small samples, for CI to keep the harness alive.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Seed of the P4 traces.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn raise_fd_limit() {
+    if let Ok(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .ok_or(())
+    {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: Some(limit),
+                maximum: Some(limit),
+            },
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    raise_fd_limit();
+    match run(&args).await {
+        Ok(results) => {
+            if let Some(path) = &args.json {
+                if let Err(error) = std::fs::write(
+                    path,
+                    serde_json::to_string_pretty(&results).unwrap_or_default(),
+                ) {
+                    eprintln!("lmsd-bench: cannot write {}: {error}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("lmsd-bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+async fn run(args: &Args) -> Result<serde_json::Value, String> {
+    let (p1_samples, clients, window, conns, tasks_each, starts, ctl_runs, trace_len) =
+        if args.quick {
+            (50, 4, Duration::from_millis(200), 20, 5, 2, 3, 300)
+        } else {
+            (3000, 32, Duration::from_secs(3), 1000, 10, 10, 50, 4000)
+        };
+    let sim = live::start_sim().await?;
+    let daemon = live::Daemon::start(&sim, "").await?;
+    let status = live::status(&daemon).await?;
+    println!(
+        "lmsd-bench: lmsd {} in front of the simulator at {} (zero-delay)\n",
+        status.daemon.version, status.backend.url
+    );
+
+    let p1 = live::p1(&sim, &daemon, p1_samples).await?;
+    println!(
+        "P1 dispatch overhead, 1 chat in flight ({} samples each, interleaved)",
+        p1.direct.samples
+    );
+    println!(
+        "  direct to simulator   p50 {:>8.1} us   p99 {:>8.1} us",
+        p1.direct.p50_us, p1.direct.p99_us
+    );
+    println!(
+        "  through lmsd          p50 {:>8.1} us   p99 {:>8.1} us",
+        p1.via_lmsd.p50_us, p1.via_lmsd.p99_us
+    );
+    println!(
+        "  lmsd adds             p50 {:>8.1} us   p99 {:>8.1} us   (targets <= 100 us, <= 1000 us: {}, {})\n",
+        p1.overhead_p50_us,
+        p1.overhead_p99_us,
+        verdict(p1.overhead_p50_us <= 100.0),
+        verdict(p1.overhead_p99_us <= 1000.0)
+    );
+
+    let p2 = live::p2(&sim, &daemon, clients, window).await?;
+    println!(
+        "P2 throughput, {} clients for {:.1} s each",
+        p2.clients, p2.seconds
+    );
+    println!(
+        "  status through lmsd   {:>9.0} /s   (target >= 20000: {})",
+        p2.status_per_s,
+        verdict(p2.status_per_s >= 20_000.0)
+    );
+    println!(
+        "  chats through lmsd    {:>9.0} /s   (target >= 5000: {})",
+        p2.chats_per_s_via_lmsd,
+        verdict(p2.chats_per_s_via_lmsd >= 5_000.0)
+    );
+    println!(
+        "  chats direct          {:>9.0} /s   (lmsd at {:.0}% of direct)\n",
+        p2.chats_per_s_direct,
+        100.0 * p2.chats_per_s_via_lmsd / p2.chats_per_s_direct.max(1.0)
+    );
+    drop(daemon);
+
+    let p3 = live::p3(&sim, conns, tasks_each).await?;
+    println!("P3 memory (VmRSS)");
+    println!(
+        "  idle                  {:>8.1} MiB   (target <= 15: {})",
+        p3.idle_rss_mib,
+        verdict(p3.idle_rss_mib <= 15.0)
+    );
+    println!(
+        "  {} clients, {} queued tasks {:>6.1} MiB   (target <= 64: {})\n",
+        p3.connections,
+        p3.queued_tasks,
+        p3.loaded_rss_mib,
+        verdict(p3.loaded_rss_mib <= 64.0)
+    );
+
+    println!("P4 pool policy quality: {trace_len} requests per trace, seed {}, replayed in simulated time", args.seed);
+    let mut p4 = serde_json::Map::new();
+    for trace in replay::traces(trace_len, args.seed) {
+        println!("  {}", trace.name);
+        let outcomes: Vec<(replay::Policy, replay::Outcome)> = replay::Policy::ALL
+            .iter()
+            .map(|p| (*p, replay::replay(&trace, *p)))
+            .collect();
+        let belady = outcomes
+            .iter()
+            .filter(|(p, _)| matches!(p, replay::Policy::Belady | replay::Policy::BeladySize))
+            .map(|(_, o)| o.load_seconds)
+            .fold(f64::INFINITY, f64::min);
+        let lmsd = outcomes[0].1.load_seconds;
+        for (policy, outcome) in &outcomes {
+            println!(
+                "    {:<30} {:>9.0} load-s  {:>5} loads  p99 wait {:>6.1} s  {:>5.2}x best Belady",
+                policy.name(),
+                outcome.load_seconds,
+                outcome.loads,
+                outcome.p99_wait_s,
+                outcome.load_seconds / belady.max(1e-9)
+            );
+        }
+        let baselines_ok = outcomes[1..4]
+            .iter()
+            .all(|(_, o)| lmsd <= 0.7 * o.load_seconds);
+        println!(
+            "    targets: <= 1.10x Belady: {}; >= 30% fewer load-s than each baseline: {}",
+            verdict(lmsd <= 1.10 * belady),
+            verdict(baselines_ok)
+        );
+        p4.insert(
+            trace.name.to_owned(),
+            json!(outcomes
+                .iter()
+                .map(|(p, o)| (p.name(), o))
+                .collect::<std::collections::BTreeMap<_, _>>()),
+        );
+    }
+    println!();
+
+    let p5 = live::p5(&sim, starts, ctl_runs).await?;
+    println!("P5 start-up and CLI");
+    println!(
+        "  socket ready after start  p50 {:>7.1} ms  (target <= 50: {})",
+        p5.socket_ready.p50_us / 1000.0,
+        verdict(p5.socket_ready.p50_us <= 50_000.0)
+    );
+    println!(
+        "  lmsd-ctl status, whole process  p50 {:>7.1} ms  p99 {:>7.1} ms  (target <= 5: {})",
+        p5.ctl_status_wall.p50_us / 1000.0,
+        p5.ctl_status_wall.p99_us / 1000.0,
+        verdict(p5.ctl_status_wall.p50_us <= 5_000.0)
+    );
+    Ok(
+        json!({ "p1": p1, "p2": p2, "p3": p3, "p4": p4, "p5": p5, "quick": args.quick, "seed": args.seed }),
+    )
+}
