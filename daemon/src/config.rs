@@ -260,6 +260,13 @@ pub struct ServerConfig {
     /// Where sessions are kept; default `$STATE_DIRECTORY` (systemd), else
     /// `$XDG_STATE_HOME/lmsd`.
     pub state_dir: Option<PathBuf>,
+    /// A client that leaves a request line unfinished, or does not read its replies, this long
+    /// is cut off.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
+    /// A connection with no task in flight and nothing received this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Users served besides the daemon's own (by uid, checked on every connection).
     pub allow_uids: Vec<u32>,
     /// A group whose members are served too.
@@ -273,6 +280,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
             state_dir: None,
+            client_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
             allow_uids: Vec::new(),
             allow_gid: None,
         }
@@ -443,14 +452,14 @@ impl Config {
     /// The commented example config that `lmsd --print-default-config` writes.
     pub const EXAMPLE: &'static str = include_str!("../lmsd.example.toml");
 
-    /// The file sessions are kept in.
-    pub fn sessions_file(&self) -> Option<PathBuf> {
+    /// A file in lmsd's state directory (`sessions.json`, `instances.json`).
+    pub fn state_file(&self, name: &str) -> Option<PathBuf> {
         let dir = self
             .server
             .state_dir
             .clone()
             .or_else(lmsd_proto::paths::default_state_dir)?;
-        Some(dir.join("sessions.json"))
+        Some(dir.join(name))
     }
 
     /// The socket path in effect.

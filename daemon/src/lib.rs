@@ -100,7 +100,9 @@ pub async fn run(
         pool: pool.clone(),
         config: reloader.subscribe(),
         registry: Arc::new(tasks::registry::Registry::default()),
-        sessions: Arc::new(tasks::sessions::Sessions::open(config.sessions_file())),
+        sessions: Arc::new(tasks::sessions::Sessions::open(
+            config.state_file("sessions.json"),
+        )),
         reloader: reloader.clone(),
         stopping: shutdown.clone(),
         started: Instant::now(),
@@ -138,6 +140,8 @@ pub async fn run(
     let options = server::ServeOptions {
         max_connections: config.server.max_connections,
         grace: config.server.shutdown_grace,
+        client_timeout: config.server.client_timeout,
+        idle_timeout: config.server.idle_timeout,
         peers: server::PeerPolicy {
             own_uid: rustix::process::geteuid().as_raw(),
             allow_uids: config.server.allow_uids.clone(),

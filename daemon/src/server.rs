@@ -125,6 +125,20 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub grace: Duration,
     pub peers: PeerPolicy,
+    /// A client that leaves a line unfinished, or does not read its replies, this long is cut off.
+    pub client_timeout: Duration,
+    /// A connection with nothing in flight and nothing received this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Writes one refusal line to a connection lmsd will not serve, and closes it.
+fn refuse(connections: &TaskTracker, stream: Stream, error: WireError) {
+    connections.spawn(async move {
+        let (_, mut write) = tokio::io::split(stream);
+        let refusal = Reply::error(None, error);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), write_line(&mut write, &refusal)).await;
+    });
 }
 
 /// Accepts connections until `shutdown`, then lets open requests finish for up to `grace`.
@@ -134,23 +148,15 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: CancellationToken,
 ) {
-    let ServeOptions {
-        max_connections,
-        grace,
-        peers,
-    } = options;
     let connections = TaskTracker::new();
     // Cancelled when the shutdown grace runs out: the tasks still running are answered.
     let abort = CancellationToken::new();
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let limits = Limits {
+        client_timeout: options.client_timeout,
+        idle_timeout: options.idle_timeout,
+    };
     loop {
-        // Waiting for a free slot before accepting leaves extra clients in the kernel's backlog
-        // instead of holding them open here without service.
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot,
-        };
-        let Ok(slot) = slot else { break };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -161,46 +167,66 @@ pub async fn serve(
                 }
             },
         };
-        if let Err(reason) = peers.check(&stream) {
+        if let Err(reason) = options.peers.check(&stream) {
             tracing::warn!(%reason, "connection refused");
-            connections.spawn(async move {
-                let (_, mut write) = tokio::io::split(stream);
-                let refusal =
-                    Reply::error(None, WireError::new(ErrorCode::PermissionDenied, reason));
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), write_line(&mut write, &refusal))
-                        .await;
-                drop(slot);
-            });
+            refuse(
+                &connections,
+                stream,
+                WireError::new(ErrorCode::PermissionDenied, reason),
+            );
             continue;
         }
+        // At the limit a new client hears so at once, rather than hanging unserved.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max = options.max_connections,
+                "connection refused: at the connection limit"
+            );
+            let message = format!(
+                "lmsd serves its maximum of {} connections; close idle ones or raise [server] max_connections",
+                options.max_connections
+            );
+            refuse(
+                &connections,
+                stream,
+                WireError::new(ErrorCode::QueueFull, message),
+            );
+            continue;
+        };
         // On unix the local socket is a Unix stream socket: serve it as one, for readiness
         // checks (has the client hung up?) that the generic type does not offer.
         let interprocess::local_socket::tokio::Stream::UdSocket(stream) = stream;
         let stream = UnixStream::from(stream);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        let abort = abort.child_token();
+        let gone = abort.child_token();
         connections.spawn(async move {
-            serve_connection(stream, ctx, shutdown, abort).await;
+            serve_connection(stream, ctx, shutdown, gone, limits).await;
             drop(slot);
         });
     }
     // Dropping the listener removes the socket file: new clients get "not running" at once.
     drop(listener);
     connections.close();
-    if tokio::time::timeout(grace, connections.wait())
+    if tokio::time::timeout(options.grace, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            grace_s = grace.as_secs(),
+            grace_s = options.grace.as_secs(),
             "tasks still running after the shutdown grace; ending them"
         );
         abort.cancel();
         // Their `shutting_down` answers take a moment to be written.
         let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
     }
+}
+
+/// Per-connection time limits.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    client_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// How often a client that stopped sending is checked for having hung up entirely.
@@ -220,6 +246,7 @@ async fn serve_connection(
     ctx: Context,
     shutdown: CancellationToken,
     gone: CancellationToken,
+    limits: Limits,
 ) {
     let (read, mut write) = stream.into_split();
     let (replies, mut outbox) = mpsc::channel::<Reply>(REPLY_QUEUE);
@@ -228,10 +255,23 @@ async fn serve_connection(
         let gone = gone.clone();
         async move {
             while let Some(reply) = outbox.recv().await {
-                if let Err(error) = write_line(&mut write, &reply).await {
-                    tracing::debug!(%error, "client went away; cancelling its tasks");
-                    gone.cancel();
-                    break;
+                match tokio::time::timeout(limits.client_timeout, write_line(&mut write, &reply))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "client went away; cancelling its tasks");
+                        gone.cancel();
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            timeout_s = limits.client_timeout.as_secs(),
+                            "client does not read its replies; cutting it off"
+                        );
+                        gone.cancel();
+                        break;
+                    }
                 }
             }
         }
@@ -240,9 +280,20 @@ async fn serve_connection(
     let mut requests = JoinSet::new();
     // Once stopping, new requests are refused with `shutting_down` until the accepted ones end.
     let mut stopping = false;
+    let mut last_activity = tokio::time::Instant::now();
     loop {
+        let partial = lines.partial_since().map(tokio::time::Instant::from_std);
         let frame = tokio::select! {
             frame = lines.next_frame() => frame,
+            _ = gone.cancelled() => break,
+            _ = tokio::time::sleep_until(partial.unwrap_or(last_activity) + limits.client_timeout), if partial.is_some() => {
+                tracing::warn!(timeout_s = limits.client_timeout.as_secs(), "client left a request line unfinished; cutting it off");
+                break;
+            }
+            _ = tokio::time::sleep_until(last_activity + limits.idle_timeout), if partial.is_none() && requests.is_empty() => {
+                tracing::info!(idle_s = limits.idle_timeout.as_secs(), "closing an idle connection");
+                break;
+            }
             _ = shutdown.cancelled(), if !stopping => {
                 stopping = true;
                 continue;
@@ -251,6 +302,7 @@ async fn serve_connection(
             _ = requests.join_next(), if !requests.is_empty() => continue,
             _ = std::future::ready(()), if stopping && requests.is_empty() => break,
         };
+        last_activity = tokio::time::Instant::now();
         let line = match frame {
             Ok(Some(Frame::Line(line))) => line,
             Ok(Some(Frame::TooLong { len })) => {

@@ -1,5 +1,7 @@
 //! NDJSON framing: one JSON object per `\n`-terminated line, at most [`MAX_LINE`] bytes.
 
+use std::time::Instant;
+
 use serde::Serialize;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -17,10 +19,18 @@ pub enum Frame {
 }
 
 /// Reads lines with a length bound, keeping memory at the bound however long a line is.
+///
+/// Cancel-safe: a line read in part is kept in the reader, so dropping a `next_frame` future
+/// (in a `select!`) loses nothing.
 #[derive(Debug)]
 pub struct LineReader<R> {
     inner: R,
     max_line: usize,
+    line: Vec<u8>,
+    len: usize,
+    too_long: bool,
+    /// When the first byte of the line in progress arrived.
+    started: Option<Instant>,
 }
 
 impl<R: AsyncBufRead + Unpin> LineReader<R> {
@@ -29,7 +39,14 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
     }
 
     pub fn with_max_line(inner: R, max_line: usize) -> Self {
-        LineReader { inner, max_line }
+        LineReader {
+            inner,
+            max_line,
+            line: Vec::new(),
+            len: 0,
+            too_long: false,
+            started: None,
+        }
     }
 
     /// The reader underneath.
@@ -37,41 +54,51 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
         &self.inner
     }
 
+    /// When the line in progress began, if one is in progress.
+    pub fn partial_since(&self) -> Option<Instant> {
+        self.started
+    }
+
+    fn take_frame(&mut self) -> Frame {
+        let frame = if self.too_long {
+            Frame::TooLong { len: self.len }
+        } else {
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            Frame::Line(line)
+        };
+        self.line = Vec::new();
+        self.len = 0;
+        self.too_long = false;
+        self.started = None;
+        frame
+    }
+
     /// The next frame, or `None` at end of stream. A last line without `\n` still counts.
     pub async fn next_frame(&mut self) -> std::io::Result<Option<Frame>> {
-        let mut line = Vec::new();
-        let mut len = 0usize;
-        let mut too_long = false;
         loop {
             let available = self.inner.fill_buf().await?;
             if available.is_empty() {
-                return Ok(match (len, too_long) {
-                    (0, _) => None,
-                    (_, true) => Some(Frame::TooLong { len }),
-                    (_, false) => Some(Frame::Line(line)),
-                });
+                return Ok((self.len > 0).then(|| self.take_frame()));
             }
             let newline = available.iter().position(|&b| b == b'\n');
             let chunk = &available[..newline.unwrap_or(available.len())];
-            len += chunk.len();
-            if !too_long {
-                if line.len() + chunk.len() > self.max_line {
-                    too_long = true;
-                    line = Vec::new();
+            self.started.get_or_insert_with(Instant::now);
+            self.len += chunk.len();
+            if !self.too_long {
+                if self.line.len() + chunk.len() > self.max_line {
+                    self.too_long = true;
+                    self.line = Vec::new();
                 } else {
-                    line.extend_from_slice(chunk);
+                    self.line.extend_from_slice(chunk);
                 }
             }
             let consumed = chunk.len() + usize::from(newline.is_some());
             self.inner.consume(consumed);
             if newline.is_some() {
-                if too_long {
-                    return Ok(Some(Frame::TooLong { len }));
-                }
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(Some(Frame::Line(line)));
+                return Ok(Some(self.take_frame()));
             }
         }
     }
@@ -137,6 +164,24 @@ mod tests {
             frames(b"01234\n", 5).await,
             vec![Frame::Line(b"01234".to_vec())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_read_loses_nothing() {
+        // The line arrives in two parts; the first read is cancelled after the first part.
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut lines = LineReader::new(tokio::io::BufReader::new(rx));
+        tx.write_all(b"{\"half\":").await.unwrap();
+        let first =
+            tokio::time::timeout(std::time::Duration::from_millis(20), lines.next_frame()).await;
+        assert!(first.is_err(), "no frame yet");
+        assert!(lines.partial_since().is_some());
+        tx.write_all(b"1}\n").await.unwrap();
+        assert_eq!(
+            lines.next_frame().await.unwrap(),
+            Some(Frame::Line(b"{\"half\":1}".to_vec()))
+        );
+        assert!(lines.partial_since().is_none());
     }
 
     #[tokio::test]

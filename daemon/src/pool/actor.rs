@@ -149,6 +149,11 @@ struct Actor {
     next_serial: u64,
     /// Set by `Drain`: no new tasks start.
     stopping: bool,
+    /// Instances lmsd had loaded before a restart (from `owned_file`), to adopt when LM Studio
+    /// still lists them.
+    adopt: BTreeSet<String>,
+    /// What `owned_file` holds now.
+    owned_written: BTreeSet<String>,
     evictions: VecDeque<(Eviction, Instant)>,
     jobs: JoinSet<JobResult>,
     releases: mpsc::UnboundedSender<u64>,
@@ -189,10 +194,14 @@ pub(super) async fn run(
         recently_vanished: HashMap::new(),
         next_serial: 1,
         stopping: false,
+        adopt: BTreeSet::new(),
+        owned_written: BTreeSet::new(),
         evictions: VecDeque::new(),
         jobs: JoinSet::new(),
         releases,
     };
+    actor.adopt = read_owned(actor.settings.owned_file.as_deref());
+    actor.owned_written = actor.adopt.clone();
     actor.request_read();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -789,7 +798,11 @@ impl Actor {
                     continue;
                 }
                 let duplicate = self.instances.iter().any(|i| i.model == model.key);
-                let returned = self.recently_vanished.remove(&listed.id).is_some();
+                let adopted = self.adopt.remove(&listed.id);
+                if adopted {
+                    tracing::info!(instance = %listed.id, model = %model.key, "adopted an instance lmsd loaded before it restarted");
+                }
+                let returned = self.recently_vanished.remove(&listed.id).is_some() || adopted;
                 let serial = self.serial();
                 tracing::info!(instance = %listed.id, model = %model.key, duplicate, "instance loaded outside lmsd");
                 self.instances.push(Instance {
@@ -816,6 +829,8 @@ impl Actor {
                 });
             }
         }
+        // Instances from before a restart that LM Studio no longer lists are gone for good.
+        self.adopt.clear();
     }
 
     // --- policy ---------------------------------------------------------------------------
@@ -940,6 +955,35 @@ impl Actor {
             }
         }
         self.report_positions();
+        self.save_owned();
+    }
+
+    /// Keeps `owned_file` listing lmsd's own instances, when that set changes.
+    fn save_owned(&mut self) {
+        let owned: BTreeSet<String> = self
+            .instances
+            .iter()
+            .filter(|i| i.loaded_by == LoadedBy::Lmsd)
+            .map(|i| i.id.clone())
+            .chain(self.adopt.iter().cloned())
+            .collect();
+        if owned == self.owned_written {
+            return;
+        }
+        if let Some(path) = &self.settings.owned_file {
+            let write = || -> std::io::Result<()> {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let temp = path.with_extension("json.tmp");
+                std::fs::write(&temp, serde_json::to_vec(&owned)?)?;
+                std::fs::rename(&temp, path)
+            };
+            if let Err(error) = write() {
+                tracing::warn!(file = %path.display(), %error, "cannot record lmsd's instances");
+            }
+        }
+        self.owned_written = owned;
     }
 
     /// Tells waiting tasks their place in the queue when it changes.
@@ -1462,4 +1506,18 @@ async fn unload_verified(lmstudio: &LmStudio, id: &str) -> Result<u32, PoolError
         remaining: vec![id.to_owned()],
         rounds: UNLOAD_ROUNDS,
     })
+}
+
+/// The instance ids a previous lmsd recorded as its own.
+fn read_owned(path: Option<&std::path::Path>) -> BTreeSet<String> {
+    let Some(path) = path else {
+        return BTreeSet::new();
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+            tracing::warn!(file = %path.display(), %error, "unreadable record of lmsd's instances; adopting none");
+            BTreeSet::new()
+        }),
+        Err(_) => BTreeSet::new(),
+    }
 }

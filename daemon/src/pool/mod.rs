@@ -34,6 +34,8 @@ pub struct PoolSettings {
     pub turn_hold: Duration,
     pub max_queue: usize,
     pub max_instances: usize,
+    /// Where the ids of lmsd's own instances are kept, so that a restarted lmsd adopts them.
+    pub owned_file: Option<std::path::PathBuf>,
 }
 
 impl PoolSettings {
@@ -52,6 +54,7 @@ impl PoolSettings {
             turn_hold: config.pool.turn_hold,
             max_queue: config.tasks.max_queue,
             max_instances: config.pool.max_instances,
+            owned_file: config.state_file("instances.json"),
         })
     }
 
