@@ -281,11 +281,15 @@ async fn serve_connection(
     // Once stopping, new requests are refused with `shutting_down` until the accepted ones end.
     let mut stopping = false;
     let mut last_activity = tokio::time::Instant::now();
+    // Reading a line may start and stall inside one read: re-check the limits now and then.
+    let mut recheck = tokio::time::interval(limits.client_timeout.min(limits.idle_timeout) / 4);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let partial = lines.partial_since().map(tokio::time::Instant::from_std);
         let frame = tokio::select! {
             frame = lines.next_frame() => frame,
-            _ = gone.cancelled() => break,
+                        _ = gone.cancelled() => break,
+            _ = recheck.tick() => continue,
             _ = tokio::time::sleep_until(partial.unwrap_or(last_activity) + limits.client_timeout), if partial.is_some() => {
                 tracing::warn!(timeout_s = limits.client_timeout.as_secs(), "client left a request line unfinished; cutting it off");
                 break;

@@ -105,7 +105,7 @@ async fn guard(
             });
             Err(Body::from_stream(broken).into_response())
         }
-                Some(fault @ (Fault::IgnoreUnload | Fault::EmptyOutput)) => Ok(Some(fault)),
+                        Some(fault @ (Fault::IgnoreUnload | Fault::EmptyOutput | Fault::StallStream)) => Ok(Some(fault)),
     }
 }
 
@@ -499,10 +499,12 @@ async fn emit(tx: &Option<Emit>, name: &'static str, mut data: Value) {
     }
 }
 
+/// Runs one chat; with `stall`, a streamed answer stops after two tokens and never ends.
 async fn run_chat(
     shared: Arc<Shared>,
     body: ChatBody,
     tx: Option<Emit>,
+    stall: bool,
 ) -> Result<Value, ApiError> {
     let words = input_words(&body.input)?
         + body
@@ -575,7 +577,11 @@ async fn run_chat(
             ("message.start", "message.delta", "message.end")
         };
         emit(&tx, start, json!({})).await;
-        for token in tokens {
+        for (n, token) in tokens.iter().enumerate() {
+            if stall && n == 2 {
+                // The stream stops here and never ends, like a wedged server.
+                std::future::pending::<()>().await;
+            }
             pause(token_delay).await;
             emit(&tx, delta, json!({"content": token})).await;
         }
@@ -632,7 +638,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         Err(response) => return response,
     };
     if !body.stream {
-        return match run_chat(shared, body, None).await {
+        return match run_chat(shared, body, None, false).await {
             Ok(mut result) => {
                 if fault == Some(Fault::EmptyOutput) {
                     result["output"] = json!([]);
@@ -645,7 +651,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let tx = Some(tx);
-        let result = run_chat(shared, body, tx.clone()).await;
+        let result = run_chat(shared, body, tx.clone(), fault == Some(Fault::StallStream)).await;
         match result {
             Ok(result) => emit(&tx, "chat.end", json!({"result": result})).await,
             Err(error) => {

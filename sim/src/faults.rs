@@ -32,6 +32,8 @@ pub enum Fault {
     IgnoreUnload,
     /// A non-streamed chat answers with no output items at all.
     EmptyOutput,
+    /// A streamed chat sends a couple of deltas, then nothing more, never ending.
+    StallStream,
 }
 
 /// How many requests a fault hits.

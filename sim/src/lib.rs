@@ -151,6 +151,13 @@ impl Simulator {
             .push(FaultRule::new(route, fault, times));
     }
 
+    /// Deletes a model from the catalogue (and unloads its instances), as deleting its files would.
+    pub fn remove_model(&self, key: &str) {
+        let mut state = self.shared.lock();
+        state.config.catalogue.retain(|m| m.key != key);
+        state.instances.retain(|i| i.key != key);
+    }
+
     pub fn clear_faults(&self) {
         self.shared.lock().faults.clear();
     }

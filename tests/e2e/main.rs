@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod pool;
+mod reliability;
 mod service;
 mod support;
 mod tasks;

@@ -84,14 +84,25 @@ pub struct TestDaemon {
 /// The fixture's config: a temp socket and `server_extra` in `[server]`; a fast poll and short
 /// timeouts in `[lmstudio]`; then `extra`.
 fn config_text(socket: &Path, url: &str, server_extra: &str, extra: &str) -> String {
-    let grace = if server_extra.contains("shutdown_grace") {
-        ""
-    } else {
-        "shutdown_grace = \"5s\"\n"
+    // Defaults the test's own text does not set.
+    let default = |text: &str, key: &str, value: &str| {
+        if text.lines().any(|l| l.trim_start().starts_with(key)) {
+            String::new()
+        } else {
+            format!("{key} = {value}\n")
+        }
     };
-    format!(
-        "[server]\nsocket = {socket:?}\n{grace}{server_extra}\n\n[lmstudio]\nurl = {url:?}\npoll_interval = \"200ms\"\nconnect_timeout = \"1s\"\ncontrol_timeout = \"5s\"\nrequest_timeout = \"10s\"\n{extra}\n"
-    )
+    let server = default(server_extra, "shutdown_grace", "\"5s\"");
+    let lmstudio: String = [
+        ("poll_interval", "\"200ms\""),
+        ("connect_timeout", "\"1s\""),
+        ("control_timeout", "\"5s\""),
+        ("request_timeout", "\"10s\""),
+    ]
+    .iter()
+    .map(|(key, value)| default(extra.split("\n[").next().unwrap_or_default(), key, value))
+    .collect();
+    format!("[server]\nsocket = {socket:?}\n{server}{server_extra}\n\n[lmstudio]\nurl = {url:?}\n{lmstudio}{extra}\n")
 }
 
 impl TestDaemon {

@@ -88,8 +88,9 @@ struct Waiter {
     /// Load setting for a load this waiter causes.
     context_length: Option<u32>,
     progress: Option<mpsc::Sender<PoolProgress>>,
-    /// Last queue position reported.
+    /// Last queue position reported, and when.
     position: u32,
+    reported_at: Option<Instant>,
     /// Served only after a catalogue read numbered at least this has completed.
     needs_read: u64,
     /// Waiting ends here: `DeadlineExceeded` for tasks, `BudgetExceeded` for loads.
@@ -314,6 +315,7 @@ impl Actor {
                     context_length: request.context_length,
                     progress: request.progress,
                     position: 0,
+                    reported_at: None,
                     needs_read: 0,
                     deadline: request.deadline,
                     load_seen: None,
@@ -361,6 +363,7 @@ impl Actor {
             context_length: None,
             progress: None,
             position: 0,
+            reported_at: None,
             needs_read,
             deadline: now + self.settings.max_wait,
             load_seen: None,
@@ -863,12 +866,15 @@ impl Actor {
         self.instances
             .iter()
             .map(|i| Resident {
-                held: self.wanted(&i.model)
-                    || (!starving
-                        && !i.swap_out
-                        && i.uses > 0
-                        && i.in_flight == 0
-                        && now.saturating_duration_since(i.last_used) < self.settings.turn_hold),
+                // Held: tasks wait for it, or its turn hold runs. A task that has waited past
+                // max_wait overrides both (it swaps models), so nothing starves.
+                held: !starving
+                    && !i.swap_out
+                    && (self.wanted(&i.model)
+                        || (i.uses > 0
+                            && i.in_flight == 0
+                            && now.saturating_duration_since(i.last_used)
+                                < self.settings.turn_hold)),
                 id: i.id.clone(),
                 model: i.model.clone(),
                 bytes: self.bytes(i.size_bytes),
@@ -947,14 +953,28 @@ impl Actor {
             (i64::from(w.priority.rank()) - aged as i64, w.enqueued)
         };
         self.waiters.make_contiguous().sort_by_key(rank);
+        // Once a task for a model must wait, the tasks behind it for that model wait too: only
+        // their deadlines need checking, not the whole plan again.
+        let mut blocked: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut index = 0;
         while index < self.waiters.len() {
+            let waiter = &self.waiters[index];
+            let is_task = matches!(&waiter.waiting, Waiting::Acquire(reply) if !reply.is_closed());
+            if is_task && now < waiter.deadline && blocked.contains(&waiter.model) {
+                index += 1;
+                continue;
+            }
             match self.serve(index, now) {
                 Step::Done => {}
-                Step::Wait => index += 1,
+                Step::Wait => {
+                    if is_task {
+                        blocked.insert(self.waiters[index].model.clone());
+                    }
+                    index += 1;
+                }
             }
         }
-        self.report_positions();
+        self.report_positions(now);
         self.save_owned();
     }
 
@@ -987,7 +1007,9 @@ impl Actor {
     }
 
     /// Tells waiting tasks their place in the queue when it changes.
-    fn report_positions(&mut self) {
+    /// At most once a second per task (every grant moves everyone's place), except near the
+    /// head of the queue, where it matters.
+    fn report_positions(&mut self, now: Instant) {
         let mut position = 0;
         for waiter in self
             .waiters
@@ -995,8 +1017,12 @@ impl Actor {
             .filter(|w| matches!(w.waiting, Waiting::Acquire(_)))
         {
             position += 1;
-            if waiter.position != position {
+            let due = waiter
+                .reported_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+            if waiter.position != position && (due || position <= 3) {
                 waiter.position = position;
+                waiter.reported_at = Some(now);
                 if let Some(progress) = &waiter.progress {
                     // Progress is advice: a full channel skips an update, never blocks the pool.
                     let _ = progress.try_send(PoolProgress::Queued { position });
