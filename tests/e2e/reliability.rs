@@ -41,6 +41,7 @@ async fn load(
     connections: usize,
     each: usize,
     models: &[&str],
+    patience: Duration,
 ) -> HashMap<String, Value> {
     let models: Vec<String> = models.iter().map(|m| m.to_string()).collect();
     let workers: Vec<_> = (0..connections)
@@ -54,7 +55,7 @@ async fn load(
                     .enumerate()
                     .map(|(n, id)| chat_line(id, &models[(c + n) % models.len()], json!({})))
                     .collect();
-                let replies = converse(&socket, &lines, each).await;
+                let replies = converse_within(&socket, &lines, each, patience).await;
                 assert_each_answered_once(&ids, &replies)
             })
         })
@@ -71,7 +72,7 @@ async fn a_hundred_clients_times_twenty_tasks_each_answered_once() {
     let sim = start_sim(SimConfig::zero_delay()).await;
     let config = "[pool]\nmemory_budget = \"6GB\"\nturn_hold = \"100ms\"\n[tasks]\nmax_queue = 4000\nmax_wait = \"1s\"\n";
     let daemon = TestDaemon::start_with(&sim.url(), config, &[]).await;
-    let answers = load(&daemon.socket, 100, 20, &[GRANITE, QWEN, VL]).await;
+    let answers = load(&daemon.socket, 100, 20, &[GRANITE, QWEN, VL], PATIENCE).await;
     let failed: Vec<&Value> = answers.values().filter(|r| r["type"] != "result").collect();
     assert!(
         failed.is_empty(),
@@ -94,7 +95,7 @@ async fn full_size_load() {
     let daemon = TestDaemon::start_configured(
         &sim.url(),
         "max_connections = 2000",
-        "[pool]\nmemory_budget = \"6GB\"\nturn_hold = \"100ms\"\n[tasks]\nmax_queue = 200000\n",
+                "[pool]\nmemory_budget = \"6GB\"\nturn_hold = \"100ms\"\n[tasks]\nmax_queue = 200000\nmax_wait = \"2s\"\n",
         &[],
     )
     .await;
@@ -120,7 +121,14 @@ async fn full_size_load() {
             }
         })
     };
-    let answers = load(&daemon.socket, 1000, 100, &[GRANITE, QWEN, VL]).await;
+    let answers = load(
+        &daemon.socket,
+        1000,
+        100,
+        &[GRANITE, QWEN, VL],
+        Duration::from_secs(300),
+    )
+    .await;
     sampler.abort();
     let ok = answers.values().filter(|r| r["type"] == "result").count();
     eprintln!(

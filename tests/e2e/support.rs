@@ -412,6 +412,16 @@ pub fn chat_line(id: &str, model: &str, extra: serde_json::Value) -> String {
 /// Sends `lines` on one connection and reads every reply (events too) until `terminal`
 /// results or errors have arrived.
 pub async fn converse(socket: &Path, lines: &[String], terminal: usize) -> Vec<Value> {
+    converse_within(socket, lines, terminal, PATIENCE).await
+}
+
+/// As `converse`, waiting up to `patience` for each reply.
+pub async fn converse_within(
+    socket: &Path,
+    lines: &[String],
+    terminal: usize,
+    patience: Duration,
+) -> Vec<Value> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .expect("connects");
@@ -423,7 +433,7 @@ pub async fn converse(socket: &Path, lines: &[String], terminal: usize) -> Vec<V
     let mut out = Vec::new();
     let mut ended = 0;
     while ended < terminal {
-        let line = tokio::time::timeout(PATIENCE, replies.next_line())
+        let line = tokio::time::timeout(patience, replies.next_line())
             .await
             .expect("replies in time")
             .expect("reads")
