@@ -88,9 +88,8 @@ struct Waiter {
     /// Load setting for a load this waiter causes.
     context_length: Option<u32>,
     progress: Option<mpsc::Sender<PoolProgress>>,
-    /// Last queue position reported, and when.
+    /// Last queue position reported (0: none yet).
     position: u32,
-    reported_at: Option<Instant>,
     /// Served only after a catalogue read numbered at least this has completed.
     needs_read: u64,
     /// Waiting ends here: `DeadlineExceeded` for tasks, `BudgetExceeded` for loads.
@@ -315,7 +314,6 @@ impl Actor {
                     context_length: request.context_length,
                     progress: request.progress,
                     position: 0,
-                    reported_at: None,
                     needs_read: 0,
                     deadline: request.deadline,
                     load_seen: None,
@@ -363,7 +361,6 @@ impl Actor {
             context_length: None,
             progress: None,
             position: 0,
-            reported_at: None,
             needs_read,
             deadline: now + self.settings.max_wait,
             load_seen: None,
@@ -974,7 +971,7 @@ impl Actor {
                 }
             }
         }
-        self.report_positions(now);
+        self.report_positions();
         self.save_owned();
     }
 
@@ -1007,9 +1004,10 @@ impl Actor {
     }
 
     /// Tells waiting tasks their place in the queue when it changes.
-    /// At most once a second per task (every grant moves everyone's place), except near the
-    /// head of the queue, where it matters.
-    fn report_positions(&mut self, now: Instant) {
+    /// When a task is first queued, each time its place has halved, near the head of the queue,
+    /// and when it is moved back: every grant moves everyone's place, and reporting each move
+    /// would flood a long queue with events (a task hears O(log n) of them).
+    fn report_positions(&mut self) {
         let mut position = 0;
         for waiter in self
             .waiters
@@ -1017,12 +1015,13 @@ impl Actor {
             .filter(|w| matches!(w.waiting, Waiting::Acquire(_)))
         {
             position += 1;
-            let due = waiter
-                .reported_at
-                .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
-            if waiter.position != position && (due || position <= 3) {
+            let first = waiter.position == 0;
+            let halved = position <= waiter.position / 2;
+            let near_head = position <= 3 && position < waiter.position;
+            // Rare: a task of higher priority came in ahead.
+            let moved_back = position > waiter.position;
+            if first || halved || near_head || moved_back {
                 waiter.position = position;
-                waiter.reported_at = Some(now);
                 if let Some(progress) = &waiter.progress {
                     // Progress is advice: a full channel skips an update, never blocks the pool.
                     let _ = progress.try_send(PoolProgress::Queued { position });
