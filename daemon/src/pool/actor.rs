@@ -90,6 +90,8 @@ struct Waiter {
     progress: Option<mpsc::Sender<PoolProgress>>,
     /// Last queue position reported (0: none yet).
     position: u32,
+    /// It was told a load of its model started.
+    heard_load: bool,
     /// Served only after a catalogue read numbered at least this has completed.
     needs_read: u64,
     /// Waiting ends here: `DeadlineExceeded` for tasks, `BudgetExceeded` for loads.
@@ -314,6 +316,7 @@ impl Actor {
                     context_length: request.context_length,
                     progress: request.progress,
                     position: 0,
+                    heard_load: false,
                     needs_read: 0,
                     deadline: request.deadline,
                     load_seen: None,
@@ -361,6 +364,7 @@ impl Actor {
             context_length: None,
             progress: None,
             position: 0,
+            heard_load: false,
             needs_read,
             deadline: now + self.settings.max_wait,
             load_seen: None,
@@ -488,7 +492,14 @@ impl Actor {
             echo_load_config: true,
         };
         tracing::info!(model = %model.key, size_bytes = model.size_bytes, "loading");
-        for waiter in self.waiters.iter().filter(|w| w.model == model.key) {
+        // Each waiting task hears of a load of its model once: a busy model swapped in and out
+        // would otherwise send every one of its waiters an event per swap.
+        for waiter in self
+            .waiters
+            .iter_mut()
+            .filter(|w| w.model == model.key && !w.heard_load)
+        {
+            waiter.heard_load = true;
             if let Some(progress) = &waiter.progress {
                 let _ = progress.try_send(PoolProgress::Loading {
                     model: model.key.clone(),
