@@ -436,25 +436,26 @@ async fn priorities_order_the_queue() {
     let socket = daemon.socket.clone();
     let blockers = tokio::spawn(async move { converse(&socket, &busy, 4).await });
     eventually("four chats running", || sim.stats().chat_requests == 4).await;
-    let socket = daemon.socket.clone();
-    let batch = tokio::spawn(async move {
-        converse(
-            &socket,
-            &[chat_line("batch", GRANITE, json!({"priority": "batch"}))],
-            1,
-        )
+    // The batch task queues first and hears it is next...
+    let stream = tokio::net::UnixStream::connect(&daemon.socket)
         .await
-    });
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while daemon.ctl_json(&["tasks"]).await["tasks"]
-        .as_array()
-        .unwrap()
-        .len()
-        < 5
-    {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(chat_line("batch", GRANITE, json!({"priority": "batch"})).as_bytes())
+        .await
+        .unwrap();
+    let mut batch_lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(read));
+    let mut batch: Vec<Value> = Vec::new();
+    while batch.iter().all(|r| r["event"] != "queued") {
+        let line = batch_lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("a queued event");
+        batch.push(serde_json::from_str(&line).unwrap());
     }
+    // ...then an interactive one arrives and goes ahead of it.
     let interactive = converse(
         &daemon.socket,
         &[chat_line(
@@ -465,7 +466,14 @@ async fn priorities_order_the_queue() {
         1,
     )
     .await;
-    let batch = batch.await.unwrap();
+    while batch.last().is_none_or(|r| r["type"] == "event") {
+        let line = batch_lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the batch answer");
+        batch.push(serde_json::from_str(&line).unwrap());
+    }
     let positions = |replies: &[Value]| -> Vec<u64> {
         replies
             .iter()
@@ -478,7 +486,11 @@ async fn priorities_order_the_queue() {
         [1],
         "the interactive task goes first"
     );
-    assert_eq!(positions(&batch)[..2], [1, 2], "the batch task steps back");
+    assert_eq!(
+        positions(&batch).get(..2),
+        Some(&[1, 2][..]),
+        "the batch task steps back"
+    );
     blockers.await.unwrap();
 }
 

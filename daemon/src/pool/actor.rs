@@ -28,6 +28,8 @@ const TICK: Duration = Duration::from_millis(100);
 const DEFAULT_PARALLEL: u32 = 4;
 /// Waiting this long raises a task's priority by one level, so batch work cannot starve.
 const AGING_STEP: Duration = Duration::from_secs(30);
+/// Waiters visited after an event other than the clock tick (see `pump`).
+const EVENT_SCAN: usize = 512;
 
 #[derive(Debug)]
 struct Instance {
@@ -210,16 +212,25 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(command) = commands.recv() => actor.command(command),
-                        Some(serial) = released.recv() => actor.release(serial),
-            Some(Ok(result)) = actor.jobs.join_next(), if !actor.jobs.is_empty() => actor.job_done(result),
+            Some(command) = commands.recv() => {
+                actor.command(command);
+                actor.pump(Instant::now(), false);
+            }
+            Some(serial) = released.recv() => {
+                actor.release(serial);
+                actor.pump(Instant::now(), false);
+            }
+            Some(Ok(result)) = actor.jobs.join_next(), if !actor.jobs.is_empty() => {
+                actor.job_done(result);
+                actor.pump(Instant::now(), false);
+            }
             _ = tick.tick() => {
                 if Instant::now() >= actor.next_poll {
                     actor.request_read();
                 }
+                actor.pump(Instant::now(), true);
             }
         }
-        actor.pump(Instant::now());
     }
     for waiter in actor.waiters.drain(..) {
         waiter.fail(PoolError::ShuttingDown);
@@ -299,11 +310,15 @@ impl Actor {
                 return;
             }
             Command::Acquire { request, reply } => {
-                let queued = self
-                    .waiters
-                    .iter()
-                    .filter(|w| matches!(w.waiting, Waiting::Acquire(_)))
-                    .count();
+                // Counting is O(n): only worth it when the queue could be full.
+                let queued = if self.waiters.len() < self.settings.max_queue {
+                    0
+                } else {
+                    self.waiters
+                        .iter()
+                        .filter(|w| matches!(w.waiting, Waiting::Acquire(_)))
+                        .count()
+                };
                 if queued >= self.settings.max_queue {
                     let _ = reply.send(Err(PoolError::QueueFull(queued)));
                     return;
@@ -930,7 +945,11 @@ impl Actor {
     }
 
     /// Applies policy and serves whatever can be served now.
-    fn pump(&mut self, now: Instant) {
+    /// `full` (on the clock tick): re-rank the whole queue, visit every waiter (deadlines, gone
+    /// clients) and report positions. After other events only the head of the queue is visited,
+    /// which keeps an event's cost bounded however long the queue grows; anything deeper is
+    /// served by the next tick, at most `TICK` later.
+    fn pump(&mut self, now: Instant, full: bool) {
         for instance in &mut self.instances {
             instance.swap_out = false;
         }
@@ -960,12 +979,17 @@ impl Actor {
             let aged = now.saturating_duration_since(w.enqueued).as_secs() / AGING_STEP.as_secs();
             (i64::from(w.priority.rank()) - aged as i64, w.enqueued)
         };
-        self.waiters.make_contiguous().sort_by_key(rank);
+        if full {
+            self.waiters.make_contiguous().sort_by_key(rank);
+        }
+        let visit = if full { usize::MAX } else { EVENT_SCAN };
         // Once a task for a model must wait, the tasks behind it for that model wait too: only
         // their deadlines need checking, not the whole plan again.
-        let mut blocked: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut blocked: Vec<String> = Vec::new();
         let mut index = 0;
-        while index < self.waiters.len() {
+        let mut visited = 0;
+        while index < self.waiters.len() && visited < visit {
+            visited += 1;
             let waiter = &self.waiters[index];
             let is_task = matches!(&waiter.waiting, Waiting::Acquire(reply) if !reply.is_closed());
             if is_task && now < waiter.deadline && blocked.contains(&waiter.model) {
@@ -975,14 +999,16 @@ impl Actor {
             match self.serve(index, now) {
                 Step::Done => {}
                 Step::Wait => {
-                    if is_task {
-                        blocked.insert(self.waiters[index].model.clone());
+                    if is_task && !blocked.contains(&self.waiters[index].model) {
+                        blocked.push(self.waiters[index].model.clone());
                     }
                     index += 1;
                 }
             }
         }
-        self.report_positions();
+        if full {
+            self.report_positions();
+        }
         self.save_owned();
     }
 
