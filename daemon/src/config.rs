@@ -25,6 +25,27 @@ pub struct Config {
     pub tasks: TasksConfig,
     pub routing: RoutingConfig,
     pub log: LogConfig,
+    pub http: HttpConfig,
+}
+
+/// `[http]`: the OpenAI-compatible front door, off unless `listen` is set.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to serve on, e.g. `"127.0.0.1:1235"`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Bearer keys accepted; required when `listen` is not a loopback address.
+    pub api_keys: Vec<String>,
+}
+
+// Keys are secrets: never in a Debug print.
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("api_keys", &format!("<{} redacted>", self.api_keys.len()))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -422,6 +443,13 @@ impl Config {
                 "[tasks] max_wait and default_timeout must be more than 0".into(),
             ));
         }
+        if let Some(listen) = self.http.listen {
+            if !listen.ip().is_loopback() && self.http.api_keys.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "[http] listen = \"{listen}\" is reachable from other machines: set [http] api_keys too"
+                )));
+            }
+        }
         if self.pool.max_instances == 0 {
             return Err(ConfigError::Invalid(
                 "[pool] max_instances must be at least 1".into(),
@@ -445,6 +473,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.lmstudio.token.is_some() {
             shown.lmstudio.token = Some("<redacted>".into());
+        }
+        for key in &mut shown.http.api_keys {
+            *key = "<redacted>".into();
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot show the config: {e}\n"))
     }

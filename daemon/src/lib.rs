@@ -5,6 +5,7 @@
 //! [`run`] is the whole daemon; `main.rs` only parses arguments, sets up logging and signals.
 
 pub mod config;
+pub mod http;
 pub mod lmstudio;
 pub mod logging;
 pub mod pool;
@@ -32,6 +33,11 @@ pub enum StartError {
     Backend(#[from] lmstudio::BackendError),
     #[error(transparent)]
     Bind(#[from] server::BindError),
+    #[error("cannot serve the HTTP front door on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Where replies come from: a real LM Studio or the embedded simulator.
@@ -87,6 +93,14 @@ pub async fn run(
     }
     let socket = config.socket_path();
     let listener = server::bind(&socket, config.server.socket.is_none())?;
+    let http_listener = match config.http.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Http { addr, source })?,
+        ),
+        None => None,
+    };
     let pool_shutdown = CancellationToken::new();
     let (pool, pool_task) = pool::spawn(lmstudio.clone(), settings.clone(), pool_shutdown.clone());
     let reloader = Arc::new(service::Reloader::new(
@@ -120,6 +134,15 @@ pub async fn run(
         }
     });
     side_tasks.spawn(service::report_status(pool.clone()));
+    if let Some(http_listener) = http_listener {
+        tracing::info!(listen = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "OpenAI-compatible front door open");
+        side_tasks.spawn(http::serve(
+            http_listener,
+            ctx.clone(),
+            config.http.api_keys.clone(),
+            shutdown.clone(),
+        ));
+    }
     side_tasks.spawn({
         let shutdown = shutdown.clone();
         let pool = pool.clone();
