@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use lmsd_proto::{
     CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, ErrorCode, Event, LoadRequest,
-    Needs, PinRequest, Priority, Request, SessionsRequest, TaskOptions, Ttl, UnloadRequest,
-    WireDuration,
+    Needs, PinRequest, Priority, Request, SavingsGrouping, SavingsRequest, SessionsRequest,
+    TaskOptions, Ttl, UnloadRequest, WireDuration,
 };
 
 const EXIT_CODES: &str = "\
@@ -126,6 +126,15 @@ enum Command {
     },
     /// Re-read lmsd's config file and apply what can change live (as SIGHUP does).
     Reload,
+    /// Tokens served locally and the cost avoided at the paid prices in [savings].
+    Savings {
+        /// Only the last DUR, e.g. "24h", "7d".
+        #[arg(long, value_name = "DUR")]
+        since: Option<WireDuration>,
+        /// Break down by model, agent (the tasks' --tag) or day.
+        #[arg(long, value_name = "model|agent|day")]
+        by: Option<SavingsGrouping>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +152,9 @@ struct QueueArgs {
     /// Deadline from submission, e.g. "30s", "5m" [default: lmsd's [tasks] default_timeout].
     #[arg(long)]
     timeout: Option<WireDuration>,
+    /// Who is asking (an agent's name), for `lmsd-ctl savings --by agent`.
+    #[arg(long, value_name = "NAME")]
+    tag: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +246,7 @@ impl ChatArgs {
                     min_context: self.min_context,
                 },
                 prefer: self.prefer,
+                tag: self.queue.tag,
             },
         }
     }
@@ -283,6 +296,7 @@ async fn main() -> ExitCode {
         Command::Status => Request::Status,
         Command::Models => Request::Models,
         Command::Reload => Request::Reload,
+        Command::Savings { since, by } => Request::Savings(SavingsRequest { since, by }),
         Command::Tasks => Request::Tasks,
         Command::Cancel { task_id } => Request::Cancel(CancelRequest { task_id }),
         Command::Sessions { action } => Request::Sessions(SessionsRequest {
@@ -346,6 +360,7 @@ async fn main() -> ExitCode {
             let options = TaskOptions {
                 priority: queue.priority,
                 timeout: queue.timeout,
+                tag: queue.tag,
                 ..TaskOptions::default()
             };
             Request::Embed(EmbedRequest {

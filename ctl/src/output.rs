@@ -34,6 +34,39 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
         Outcome::Cancel(cancel) if cancel.cancelled => println!("cancelled {}", cancel.task_id),
         Outcome::Cancel(cancel) => println!("no task {} is queued or running", cancel.task_id),
         Outcome::Sessions(list) => print_sessions(list),
+        Outcome::Savings(report) => {
+            let period = report.since_s.map_or("all recorded time".to_owned(), |s| {
+                format!("the last {}", duration(s))
+            });
+            println!(
+                "{} tasks served locally in {period}: {} tokens in, {} out; saved ${:.2} at ${}/${} per million tokens",
+                report.totals.tasks,
+                report.totals.input_tokens,
+                report.totals.output_tokens,
+                report.totals.usd_saved,
+                report.input_usd_per_mtok,
+                report.output_usd_per_mtok
+            );
+            if !report.groups.is_empty() {
+                let rows: Vec<Vec<String>> = report
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        vec![
+                            g.key.clone(),
+                            g.totals.tasks.to_string(),
+                            g.totals.input_tokens.to_string(),
+                            g.totals.output_tokens.to_string(),
+                            format!("${:.2}", g.totals.usd_saved),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["GROUP", "TASKS", "TOKENS IN", "TOKENS OUT", "SAVED"],
+                    &rows,
+                );
+            }
+        }
         Outcome::Reload(reload) => {
             let from = reload
                 .path

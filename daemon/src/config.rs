@@ -26,6 +26,30 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
+    pub savings: SavingsConfig,
+}
+
+/// `[savings]`: the paid prices lmsd's tasks are counted against.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SavingsConfig {
+    /// USD per million input tokens of the paid model tasks would otherwise go to.
+    pub input_usd_per_mtok: f64,
+    /// USD per million output tokens.
+    pub output_usd_per_mtok: f64,
+    /// The ledger file is rotated past this size.
+    pub ledger_max: ByteCount,
+}
+
+impl Default for SavingsConfig {
+    /// Prices of a mid-range paid model (3 USD in, 15 USD out per million tokens).
+    fn default() -> Self {
+        SavingsConfig {
+            input_usd_per_mtok: 3.0,
+            output_usd_per_mtok: 15.0,
+            ledger_max: ByteCount(16 << 20),
+        }
+    }
 }
 
 /// `[http]`: the OpenAI-compatible front door, off unless `listen` is set.

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod http;
+pub mod ledger;
 pub mod lmstudio;
 pub mod logging;
 pub mod pool;
@@ -116,6 +117,10 @@ pub async fn run(
         registry: Arc::new(tasks::registry::Registry::default()),
         sessions: Arc::new(tasks::sessions::Sessions::open(
             config.state_file("sessions.json"),
+        )),
+        ledger: Arc::new(ledger::Ledger::open(
+            config.state_file("ledger.jsonl"),
+            config.savings.ledger_max.0,
         )),
         reloader: reloader.clone(),
         stopping: shutdown.clone(),

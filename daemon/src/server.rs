@@ -402,6 +402,7 @@ async fn dispatch(
         Request::Tasks => Ok(Outcome::Tasks(tasks::tasks(ctx))),
         Request::Cancel(request) => Ok(Outcome::Cancel(tasks::cancel(ctx, request.task_id))),
         Request::Sessions(request) => Ok(Outcome::Sessions(tasks::sessions(ctx, request.forget))),
+        Request::Savings(request) => Ok(Outcome::Savings(tasks::savings(ctx, request))),
         Request::Reload => {
             return match ctx.reloader.reload().await {
                 Ok(outcome) => Reply::result(id, Outcome::Reload(outcome)),

@@ -38,11 +38,12 @@ impl ConfigSource {
 }
 
 /// Settings a reload applies live; every other change waits for a restart.
-const LIVE: [&str; 6] = [
+const LIVE: [&str; 7] = [
     "pool.",
     "models",
     "tasks.",
     "routing.",
+    "savings.",
     "log.level",
     "lmstudio.poll_interval",
 ];
@@ -152,6 +153,7 @@ impl Reloader {
         running.models = new.models;
         running.tasks = new.tasks;
         running.routing = new.routing;
+        running.savings = new.savings;
         running.log.level = new.log.level;
         running.lmstudio.poll_interval = new.lmstudio.poll_interval;
         self.published

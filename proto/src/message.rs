@@ -45,6 +45,71 @@ pub enum Request {
     Cancel(CancelRequest),
     /// List stateful sessions, or forget one.
     Sessions(SessionsRequest),
+    /// What the tasks served locally would have cost at paid prices.
+    Savings(SavingsRequest),
+}
+
+/// `{"type":"savings", "since":"7d", "by":"model"}`; both optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavingsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<WireDuration>,
+    /// `model`, `agent` or `day`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<SavingsGrouping>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SavingsGrouping {
+    Model,
+    Agent,
+    Day,
+}
+
+impl std::str::FromStr for SavingsGrouping {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "model" => Ok(SavingsGrouping::Model),
+            "agent" => Ok(SavingsGrouping::Agent),
+            "day" => Ok(SavingsGrouping::Day),
+            other => Err(format!(
+                "cannot group by {other:?}: use model, agent or day"
+            )),
+        }
+    }
+}
+
+/// Tokens served locally and what they would have cost at the configured paid prices.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavingsTotals {
+    pub tasks: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub usd_saved: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavingsGroup {
+    pub key: String,
+    #[serde(flatten)]
+    pub totals: SavingsTotals,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavingsReport {
+    /// Seconds covered (absent: everything in the ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_s: Option<u64>,
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
+    #[serde(flatten)]
+    pub totals: SavingsTotals,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<SavingsGroup>,
 }
 
 /// Options every task takes: priority, deadline, and what `auto` must find.
@@ -61,6 +126,9 @@ pub struct TaskOptions {
     /// Models to try first, in order (with `auto`), or after the named one fails.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prefer: Vec<String>,
+    /// Who asked (an agent's name): the savings ledger can group by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 /// `{"type":"embed", "model":"auto", "input":["text", …]}`.
@@ -232,6 +300,7 @@ pub enum Outcome {
     Tasks(TaskList),
     Cancel(CancelOutcome),
     Sessions(SessionList),
+    Savings(SavingsReport),
 }
 
 /// How a task went inside lmsd: which model and why, and where the time went.
@@ -554,7 +623,8 @@ impl Request {
             | Request::Models
             | Request::Reload
             | Request::Tasks
-            | Request::Sessions(_) => Ok(()),
+            | Request::Sessions(_)
+            | Request::Savings(_) => Ok(()),
             Request::Cancel(cancel) => non_empty("task_id", &cancel.task_id),
             Request::Embed(embed) => {
                 non_empty("model", &embed.model)?;

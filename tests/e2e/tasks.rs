@@ -648,3 +648,66 @@ async fn out_of_memory_moves_on_to_smaller_models_only() {
     assert_eq!(reply["model"], GRANITE);
     assert_eq!(reply["attempts"], 2, "VL, then Granite; never Gemma");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_savings_ledger_counts_tokens_at_paid_prices_across_restarts() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap().to_owned();
+    let env = [("STATE_DIRECTORY", state_dir.as_str())];
+    let prices = "[savings]\ninput_usd_per_mtok = 1000000.0\noutput_usd_per_mtok = 2000000.0\n";
+    let first = TestDaemon::start_with(&sim.url(), prices, &env).await;
+    let a = first
+        .ctl_json(&["chat", GRANITE, "one two three", "--tag", "coder"])
+        .await;
+    let b = first
+        .ctl_json(&["chat", QWEN, "four", "--tag", "reviewer"])
+        .await;
+    assert_eq!(
+        first
+            .ctl(&["chat", "nobody/x", "five", "--tag", "coder"])
+            .await
+            .code,
+        7
+    );
+    assert_eq!(first.terminate().await, Some(0));
+
+    let second = TestDaemon::start_with(&sim.url(), prices, &env).await;
+    let report = second.ctl_json(&["savings", "--by", "agent"]).await;
+    let tokens = |r: &Value| {
+        (
+            r["usage"]["input_tokens"].as_u64().unwrap(),
+            r["usage"]["total_output_tokens"].as_u64().unwrap(),
+        )
+    };
+    let ((ai, ao), (bi, bo)) = (tokens(&a), tokens(&b));
+    assert_eq!(
+        report["tasks"], 2,
+        "the failed task saved nothing: {report}"
+    );
+    assert_eq!(report["input_tokens"], ai + bi);
+    assert_eq!(report["output_tokens"], ao + bo);
+    // At a dollar per input token and two per output token, the sum is exact.
+    let expected = (ai + bi) as f64 + 2.0 * (ao + bo) as f64;
+    assert!(
+        (report["usd_saved"].as_f64().unwrap() - expected).abs() < 1e-6,
+        "{report}"
+    );
+    let groups: Vec<&str> = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(groups, ["coder", "reviewer"]);
+    let human = second
+        .ctl(&["savings", "--by", "model", "--since", "1h"])
+        .await;
+    assert!(
+        human.stdout.contains("2 tasks served locally") && human.stdout.contains(GRANITE),
+        "{}",
+        human.stdout
+    );
+    let ledger = std::fs::read_to_string(state.path().join("ledger.jsonl")).unwrap();
+    assert!(!ledger.contains("one two three"), "no prompt in the ledger");
+}

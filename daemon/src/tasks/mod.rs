@@ -137,6 +137,7 @@ pub struct Context {
     pub config: watch::Receiver<Arc<Config>>,
     pub registry: Arc<Registry>,
     pub sessions: Arc<Sessions>,
+    pub ledger: Arc<crate::ledger::Ledger>,
     /// Cancelled when lmsd begins to stop.
     pub stopping: CancellationToken,
     pub started: Instant,
@@ -676,8 +677,102 @@ async fn run_task(
     Ok((done, answered, task.finish()))
 }
 
-/// Runs one chat task; with `stream`, deltas go out as events.
+/// Runs one chat task (deltas go out as events with `stream`) and enters it in the ledger.
 pub async fn chat(
+    ctx: &Context,
+    request: ChatRequest,
+    sink: &EventSink,
+    cancel: CancellationToken,
+) -> Result<ChatOutcome, TaskError> {
+    let (model, tag) = (request.model.clone(), request.options.tag.clone());
+    let result = run_chat(ctx, request, sink, cancel).await;
+    let entry = match &result {
+        Ok(outcome) => Ok((
+            &outcome.task,
+            outcome.usage.input_tokens,
+            outcome.usage.total_output_tokens,
+        )),
+        Err(error) => Err(error),
+    };
+    record(ctx, "chat", &model, tag, entry);
+    result
+}
+
+/// Runs one embedding task and enters it in the ledger.
+pub async fn embed(
+    ctx: &Context,
+    request: EmbedRequest,
+    sink: &EventSink,
+    cancel: CancellationToken,
+) -> Result<EmbedOutcome, TaskError> {
+    let (model, tag) = (request.model.clone(), request.options.tag.clone());
+    let result = run_embed(ctx, request, sink, cancel).await;
+    record(
+        ctx,
+        "embed",
+        &model,
+        tag,
+        result.as_ref().map(|outcome| (&outcome.task, 0, 0)),
+    );
+    result
+}
+
+/// One ledger line for a finished task: what it was, not what it said.
+fn record(
+    ctx: &Context,
+    kind: &str,
+    requested: &str,
+    agent: Option<String>,
+    result: Result<(&TaskReport, u64, u64), &TaskError>,
+) {
+    let (model, input_tokens, output_tokens, queued_ms, load_ms, total_ms, outcome) = match result {
+        Ok((report, input, output)) => (
+            report.model.clone(),
+            input,
+            output,
+            report.queued_ms,
+            report.load_ms,
+            report.total_ms,
+            "ok".to_owned(),
+        ),
+        Err(error) => (
+            requested.to_owned(),
+            0,
+            0,
+            0,
+            0,
+            0,
+            error.to_wire().code.to_string(),
+        ),
+    };
+    ctx.ledger.append(&crate::ledger::Record {
+        time: crate::ledger::now_s(),
+        kind: kind.to_owned(),
+        model,
+        agent,
+        input_tokens,
+        output_tokens,
+        queued_ms,
+        load_ms,
+        total_ms,
+        outcome,
+    });
+}
+
+/// What the ledger's tasks would have cost at the configured paid prices.
+pub fn savings(ctx: &Context, request: lmsd_proto::SavingsRequest) -> lmsd_proto::SavingsReport {
+    let prices = {
+        let config = ctx.config.borrow();
+        crate::ledger::Prices {
+            input_usd_per_mtok: config.savings.input_usd_per_mtok,
+            output_usd_per_mtok: config.savings.output_usd_per_mtok,
+        }
+    };
+    ctx.ledger
+        .report(request.since.map(|s| s.0), request.by, prices)
+}
+
+async fn run_chat(
     ctx: &Context,
     request: ChatRequest,
     sink: &EventSink,
@@ -723,8 +818,7 @@ pub async fn chat(
     })
 }
 
-/// Runs one embedding task.
-pub async fn embed(
+async fn run_embed(
     ctx: &Context,
     request: EmbedRequest,
     sink: &EventSink,

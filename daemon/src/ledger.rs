@@ -1,0 +1,227 @@
+//! The savings ledger: one JSON line per finished task in lmsd's state directory (time, model,
+//! agent tag, tokens, timings, outcome — never prompt or answer), rotated by size, and the sums
+//! `lmsd-ctl savings` shows at the configured paid prices.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lmsd_proto::{SavingsGroup, SavingsGrouping, SavingsReport, SavingsTotals};
+use serde::{Deserialize, Serialize};
+
+/// One finished task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Unix seconds.
+    pub time: f64,
+    pub kind: String,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub queued_ms: u64,
+    pub load_ms: u64,
+    pub total_ms: u64,
+    /// `ok` or an error code.
+    pub outcome: String,
+}
+
+/// Paid prices, per million tokens, of the model a task would otherwise have gone to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prices {
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
+}
+
+impl Prices {
+    fn cost(&self, input: u64, output: u64) -> f64 {
+        (input as f64 * self.input_usd_per_mtok + output as f64 * self.output_usd_per_mtok) / 1e6
+    }
+}
+
+/// Appends to `ledger.jsonl`; past `max_bytes` it becomes `ledger.1.jsonl` (replacing the older
+/// one) and a new file starts. A plain mutex: appends are short, never across an `.await`.
+#[derive(Debug)]
+pub struct Ledger {
+    path: Option<PathBuf>,
+    max_bytes: u64,
+    lock: Mutex<()>,
+}
+
+pub fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix time, by the civil-from-days algorithm.
+fn day(time: f64) -> String {
+    let days = (time / 86_400.0).floor() as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let doe = days.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+impl Ledger {
+    pub fn open(path: Option<PathBuf>, max_bytes: u64) -> Self {
+        Ledger {
+            path,
+            max_bytes,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn rotated(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| p.with_extension("1.jsonl"))
+    }
+
+    pub fn append(&self, record: &Record) {
+        let Some(path) = &self.path else { return };
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            if std::fs::metadata(path).is_ok_and(|m| m.len() >= self.max_bytes) {
+                if let Some(rotated) = self.rotated() {
+                    std::fs::rename(path, rotated)?;
+                }
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            writeln!(file, "{}", serde_json::to_string(record)?)
+        };
+        if let Err(error) = write() {
+            tracing::warn!(file = %path.display(), %error, "cannot append to the savings ledger");
+        }
+    }
+
+    /// Sums the records of the last `since` (or all), grouped if asked.
+    pub fn report(
+        &self,
+        since: Option<Duration>,
+        by: Option<SavingsGrouping>,
+        prices: Prices,
+    ) -> SavingsReport {
+        let from = since.map_or(f64::MIN, |d| now_s() - d.as_secs_f64());
+        let mut totals = SavingsTotals::default();
+        let mut groups: BTreeMap<String, SavingsTotals> = BTreeMap::new();
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for file in [self.rotated(), self.path.clone()].into_iter().flatten() {
+            let Ok(file) = std::fs::File::open(&file) else {
+                continue;
+            };
+            for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+                let Ok(record) = serde_json::from_str::<Record>(&line) else {
+                    continue;
+                };
+                if record.time < from || record.outcome != "ok" {
+                    continue;
+                }
+                let saved = prices.cost(record.input_tokens, record.output_tokens);
+                for sums in std::iter::once(&mut totals).chain(by.map(|by| {
+                    let key = match by {
+                        SavingsGrouping::Model => record.model.clone(),
+                        SavingsGrouping::Agent => {
+                            record.agent.clone().unwrap_or_else(|| "(untagged)".into())
+                        }
+                        SavingsGrouping::Day => day(record.time),
+                    };
+                    groups.entry(key).or_default()
+                })) {
+                    sums.tasks += 1;
+                    sums.input_tokens += record.input_tokens;
+                    sums.output_tokens += record.output_tokens;
+                    sums.usd_saved += saved;
+                }
+            }
+        }
+        SavingsReport {
+            since_s: since.map(|d| d.as_secs()),
+            input_usd_per_mtok: prices.input_usd_per_mtok,
+            output_usd_per_mtok: prices.output_usd_per_mtok,
+            totals,
+            groups: groups
+                .into_iter()
+                .map(|(key, totals)| SavingsGroup { key, totals })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(model: &str, agent: Option<&str>, tokens: u64, outcome: &str) -> Record {
+        Record {
+            time: now_s(),
+            kind: "chat".into(),
+            model: model.into(),
+            agent: agent.map(str::to_owned),
+            input_tokens: tokens,
+            output_tokens: tokens,
+            queued_ms: 0,
+            load_ms: 0,
+            total_ms: 1,
+            outcome: outcome.into(),
+        }
+    }
+
+    const PRICES: Prices = Prices {
+        input_usd_per_mtok: 3.0,
+        output_usd_per_mtok: 15.0,
+    };
+
+    #[test]
+    fn sums_group_and_survive_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(Some(dir.path().join("ledger.jsonl")), 300);
+        ledger.append(&record("a", Some("coder"), 1_000_000, "ok"));
+        ledger.append(&record("b", None, 1_000_000, "ok"));
+        ledger.append(&record("a", Some("coder"), 5, "deadline_exceeded"));
+        assert!(
+            dir.path().join("ledger.1.jsonl").exists(),
+            "rotated past 300 bytes"
+        );
+        let all = ledger.report(None, Some(SavingsGrouping::Agent), PRICES);
+        assert_eq!(all.totals.tasks, 2, "failed tasks saved nothing");
+        assert!(
+            (all.totals.usd_saved - 36.0).abs() < 1e-9,
+            "{}",
+            all.totals.usd_saved
+        );
+        let keys: Vec<&str> = all.groups.iter().map(|g| g.key.as_str()).collect();
+        assert_eq!(keys, ["(untagged)", "coder"]);
+        let by_day = ledger.report(
+            Some(Duration::from_secs(60)),
+            Some(SavingsGrouping::Day),
+            PRICES,
+        );
+        assert_eq!(by_day.groups.len(), 1);
+    }
+
+    #[test]
+    fn days_are_civil_dates() {
+        assert_eq!(day(0.0), "1970-01-01");
+        assert_eq!(day(951_782_400.0), "2000-02-29");
+        assert_eq!(day(1_795_651_200.0), "2026-11-26");
+    }
+}
