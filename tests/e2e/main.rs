@@ -7,6 +7,7 @@ mod front_door;
 mod pool;
 mod reliability;
 mod service;
+mod skill;
 mod support;
 mod tasks;
 
