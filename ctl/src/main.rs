@@ -126,6 +126,8 @@ enum Command {
     },
     /// Re-read lmsd's config file and apply what can change live (as SIGHUP does).
     Reload,
+    /// lmsd's Prometheus metrics (as on the front door's /metrics).
+    Metrics,
     /// Tokens served locally and the cost avoided at the paid prices in [savings].
     Savings {
         /// Only the last DUR, e.g. "24h", "7d".
@@ -296,6 +298,7 @@ async fn main() -> ExitCode {
         Command::Status => Request::Status,
         Command::Models => Request::Models,
         Command::Reload => Request::Reload,
+        Command::Metrics => Request::Metrics,
         Command::Savings { since, by } => Request::Savings(SavingsRequest { since, by }),
         Command::Tasks => Request::Tasks,
         Command::Cancel { task_id } => Request::Cancel(CancelRequest { task_id }),

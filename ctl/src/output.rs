@@ -34,6 +34,7 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
         Outcome::Cancel(cancel) if cancel.cancelled => println!("cancelled {}", cancel.task_id),
         Outcome::Cancel(cancel) => println!("no task {} is queued or running", cancel.task_id),
         Outcome::Sessions(list) => print_sessions(list),
+        Outcome::Metrics(metrics) => print!("{}", metrics.text),
         Outcome::Savings(report) => {
             let period = report.since_s.map_or("all recorded time".to_owned(), |s| {
                 format!("the last {}", duration(s))

@@ -44,6 +44,7 @@ pub async fn serve(
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/metrics", get(metrics))
         .with_state(front);
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -404,6 +405,20 @@ async fn embeddings(State(front): State<Front>, headers: HeaderMap, body: Bytes)
             Json(json!({"object": "list", "data": data, "model": outcome.task.model, "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
                 .into_response()
         }
+        Err(e) => error(e.to_wire()),
+    }
+}
+
+async fn metrics(State(front): State<Front>, headers: HeaderMap) -> Response {
+    if let Err(wire) = authorize(&front, &headers) {
+        return error(wire);
+    }
+    match tasks::metrics(&front.ctx).await {
+        Ok(metrics) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            metrics.text,
+        )
+            .into_response(),
         Err(e) => error(e.to_wire()),
     }
 }

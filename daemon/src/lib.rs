@@ -9,6 +9,7 @@ pub mod http;
 pub mod ledger;
 pub mod lmstudio;
 pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod service;
@@ -103,7 +104,13 @@ pub async fn run(
         None => None,
     };
     let pool_shutdown = CancellationToken::new();
-    let (pool, pool_task) = pool::spawn(lmstudio.clone(), settings.clone(), pool_shutdown.clone());
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (pool, pool_task) = pool::spawn(
+        lmstudio.clone(),
+        settings.clone(),
+        metrics.clone(),
+        pool_shutdown.clone(),
+    );
     let reloader = Arc::new(service::Reloader::new(
         source,
         config.clone(),
@@ -118,6 +125,7 @@ pub async fn run(
         sessions: Arc::new(tasks::sessions::Sessions::open(
             config.state_file("sessions.json"),
         )),
+        metrics,
         ledger: Arc::new(ledger::Ledger::open(
             config.state_file("ledger.jsonl"),
             config.savings.ledger_max.0,

@@ -403,6 +403,7 @@ async fn dispatch(
         Request::Cancel(request) => Ok(Outcome::Cancel(tasks::cancel(ctx, request.task_id))),
         Request::Sessions(request) => Ok(Outcome::Sessions(tasks::sessions(ctx, request.forget))),
         Request::Savings(request) => Ok(Outcome::Savings(tasks::savings(ctx, request))),
+        Request::Metrics => tasks::metrics(ctx).await.map(Outcome::Metrics),
         Request::Reload => {
             return match ctx.reloader.reload().await {
                 Ok(outcome) => Reply::result(id, Outcome::Reload(outcome)),

@@ -47,6 +47,8 @@ pub enum Request {
     Sessions(SessionsRequest),
     /// What the tasks served locally would have cost at paid prices.
     Savings(SavingsRequest),
+    /// Prometheus metrics, as text.
+    Metrics,
 }
 
 /// `{"type":"savings", "since":"7d", "by":"model"}`; both optional.
@@ -301,6 +303,13 @@ pub enum Outcome {
     Cancel(CancelOutcome),
     Sessions(SessionList),
     Savings(SavingsReport),
+    Metrics(MetricsText),
+}
+
+/// Prometheus' text exposition format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsText {
+    pub text: String,
 }
 
 /// How a task went inside lmsd: which model and why, and where the time went.
@@ -624,7 +633,8 @@ impl Request {
             | Request::Reload
             | Request::Tasks
             | Request::Sessions(_)
-            | Request::Savings(_) => Ok(()),
+            | Request::Savings(_)
+            | Request::Metrics => Ok(()),
             Request::Cancel(cancel) => non_empty("task_id", &cancel.task_id),
             Request::Embed(embed) => {
                 non_empty("model", &embed.model)?;

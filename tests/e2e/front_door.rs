@@ -24,6 +24,19 @@ async fn the_openai_client_works_against_the_front_door() {
     );
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("openai client: ok"));
+    let metrics = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .bearer_auth("k-test")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("lmsd_tasks_total{kind=\"chat\",outcome=\"ok\"}"),
+        "{metrics}"
+    );
     // Front-door tasks are tasks like any other: the log shows no prompt either.
     assert!(!daemon.logs().contains("stream please"));
 }

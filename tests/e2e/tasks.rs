@@ -711,3 +711,29 @@ async fn the_savings_ledger_counts_tokens_at_paid_prices_across_restarts() {
     let ledger = std::fs::read_to_string(state.path().join("ledger.jsonl")).unwrap();
     assert!(!ledger.contains("one two three"), "no prompt in the ledger");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_tasks_loads_evictions_and_first_tokens() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start_with(
+        &sim.url(),
+        "[pool]\nmemory_budget = \"3GB\"\nturn_hold = \"0s\"\n",
+        &[],
+    )
+    .await;
+    assert_eq!(daemon.ctl(&["chat", GRANITE, "hi"]).await.code, 0);
+    assert_eq!(daemon.ctl(&["chat", QWEN, "hi", "--stream"]).await.code, 0);
+    assert_eq!(daemon.ctl(&["chat", "nobody/x", "hi"]).await.code, 7);
+    let metrics = daemon.ctl(&["metrics"]).await.stdout;
+    for line in [
+        "lmsd_tasks_total{kind=\"chat\",outcome=\"ok\"} 2",
+        "lmsd_tasks_total{kind=\"chat\",outcome=\"model_not_found\"} 1",
+        "lmsd_loads_total 2",
+        "lmsd_evictions_total{reason=\"memory\"} 1",
+        "lmsd_first_token_seconds_count 1",
+        "lmsd_memory_budget_bytes 3000000000",
+        "lmsd_instances 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+}

@@ -159,6 +159,7 @@ struct Actor {
     /// What `owned_file` holds now.
     owned_written: BTreeSet<String>,
     evictions: VecDeque<(Eviction, Instant)>,
+    metrics: Arc<crate::metrics::Metrics>,
     jobs: JoinSet<JobResult>,
     releases: mpsc::UnboundedSender<u64>,
 }
@@ -166,6 +167,7 @@ struct Actor {
 pub(super) async fn run(
     lmstudio: LmStudio,
     settings: PoolSettings,
+    metrics: Arc<crate::metrics::Metrics>,
     mut commands: mpsc::Receiver<Command>,
     shutdown: CancellationToken,
 ) {
@@ -201,6 +203,7 @@ pub(super) async fn run(
         adopt: BTreeSet::new(),
         owned_written: BTreeSet::new(),
         evictions: VecDeque::new(),
+        metrics,
         jobs: JoinSet::new(),
         releases,
     };
@@ -652,6 +655,7 @@ impl Actor {
         took: Duration,
         now: Instant,
     ) {
+        self.metrics.loaded();
         tracing::info!(model, instance = %reply.instance_id, load_ms = took.as_millis() as u64, "loaded");
         let ttl_override = pending.as_ref().and_then(|p| p.ttl_override);
         let context_length = reply
@@ -723,6 +727,7 @@ impl Actor {
     ) {
         tracing::info!(instance = %instance.id, model = %instance.model, reason, rounds, "unloaded");
         if reason != "unload" {
+            self.metrics.evicted(reason);
             self.evictions.push_front((
                 Eviction {
                     instance_id: instance.id.clone(),

@@ -332,9 +332,10 @@ impl PoolHandle {
 pub fn spawn(
     lmstudio: LmStudio,
     settings: PoolSettings,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) -> (PoolHandle, tokio::task::JoinHandle<()>) {
     let (commands, inbox) = mpsc::channel(1024);
-    let task = tokio::spawn(actor::run(lmstudio, settings, inbox, shutdown));
+    let task = tokio::spawn(actor::run(lmstudio, settings, metrics, inbox, shutdown));
     (PoolHandle { commands }, task)
 }

@@ -138,6 +138,7 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub sessions: Arc<Sessions>,
     pub ledger: Arc<crate::ledger::Ledger>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Cancelled when lmsd begins to stop.
     pub stopping: CancellationToken,
     pub started: Instant,
@@ -587,9 +588,16 @@ impl<'a> Task<'a> {
                     stream: chat.stream,
                 };
                 let reply = if chat.stream {
+                    let mut first_token = true;
                     self.ctx
                         .lmstudio
                         .chat_stream(&body, |event| {
+                            if first_token && matches!(event, StreamEvent::Message(_)) {
+                                first_token = false;
+                                self.ctx
+                                    .metrics
+                                    .first_token(self.submitted.elapsed().as_secs_f64());
+                            }
                             self.sink.send(match event {
                                 StreamEvent::LoadProgress {
                                     model_instance_id,
@@ -745,6 +753,8 @@ fn record(
             error.to_wire().code.to_string(),
         ),
     };
+    ctx.metrics
+        .task_finished(kind, &outcome, queued_ms, load_ms, total_ms);
     ctx.ledger.append(&crate::ledger::Record {
         time: crate::ledger::now_s(),
         kind: kind.to_owned(),
@@ -757,6 +767,29 @@ fn record(
         total_ms,
         outcome,
     });
+}
+
+/// The metrics, with the gauges read now.
+pub async fn metrics(ctx: &Context) -> Result<lmsd_proto::MetricsText, TaskError> {
+    let status = ctx.pool.status().await?;
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    ctx.metrics.memory_used.set(gauge(status.memory.used_bytes));
+    ctx.metrics
+        .memory_budget
+        .set(gauge(status.memory.budget_bytes));
+    ctx.metrics
+        .instances
+        .set(gauge(status.instances.len() as u64));
+    let queued = ctx
+        .registry
+        .list()
+        .iter()
+        .filter(|t| t.state == lmsd_proto::TaskState::Queued)
+        .count();
+    ctx.metrics.queue_depth.set(gauge(queued as u64));
+    Ok(lmsd_proto::MetricsText {
+        text: ctx.metrics.encode(),
+    })
 }
 
 /// What the ledger's tasks would have cost at the configured paid prices.
