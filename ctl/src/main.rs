@@ -51,7 +51,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show the daemon, LM Studio's reachability, memory and the loaded instances.
-    Status,
+    Status {
+        /// Redraw every second while it changes, until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Follow what lmsd does: loads, unloads and evictions, tasks, LM Studio up or down.
+    Events,
     /// List LM Studio's models.
     Models,
     /// Load a model (does nothing if an instance is already loaded).
@@ -295,7 +301,9 @@ async fn main() -> ExitCode {
     let mut log = None;
     let request = match cli.command {
         Command::Selftest { model } => return selftest::run(&socket, model, json).await,
-        Command::Status => Request::Status,
+        Command::Status { watch: true } => return output::watch_status(&socket, json).await,
+        Command::Status { watch: false } => Request::Status,
+        Command::Events => Request::Events,
         Command::Models => Request::Models,
         Command::Reload => Request::Reload,
         Command::Metrics => Request::Metrics,
@@ -438,5 +446,6 @@ fn print_event(event: &Event, json: bool) {
             eprintln!("lmsd-ctl: loading {model_instance_id}…")
         }
         Event::Load { .. } | Event::Reasoning { .. } => {}
+        daemon_event => output::print_daemon_event(daemon_event),
     }
 }

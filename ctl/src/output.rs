@@ -1,7 +1,7 @@
 //! Renders results for people (tables, plain text) or for scripts (`--json`: the reply object).
 
 use lmsd_proto::{
-    ChatOutcome, ContentSource, InstanceState, LoadedBy, ModelList, Outcome, SessionList,
+    ChatOutcome, ContentSource, Event, InstanceState, LoadedBy, ModelList, Outcome, SessionList,
     StatusReport, TaskList, TaskState,
 };
 
@@ -62,9 +62,12 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
                         ]
                     })
                     .collect();
-                table(
-                    &["GROUP", "TASKS", "TOKENS IN", "TOKENS OUT", "SAVED"],
-                    &rows,
+                print!(
+                    "{}",
+                    table(
+                        &["GROUP", "TASKS", "TOKENS IN", "TOKENS OUT", "SAVED"],
+                        &rows,
+                    )
                 );
             }
         }
@@ -105,8 +108,9 @@ fn size(bytes: u64) -> String {
     }
 }
 
-/// Prints rows as left-aligned columns under a header.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+/// Rows as left-aligned columns under a header.
+#[must_use]
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..header.len())
         .map(|col| {
             rows.iter()
@@ -116,47 +120,140 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
                 .unwrap_or(0)
         })
         .collect();
-    let line = |cells: Vec<&str>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
     };
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+    out
+}
+
+/// One line per event of an `events` subscription.
+pub fn print_daemon_event(event: &Event) {
+    let line = match event {
+        Event::LoadStarted { model } => format!("loading {model}"),
+        Event::Loaded {
+            model,
+            instance_id,
+            load_ms,
+        } => format!("loaded {model} as {instance_id} in {load_ms} ms"),
+        Event::LoadFailed { model, error } => format!("load of {model} failed: {error}"),
+        Event::Unloaded {
+            instance_id,
+            reason,
+            ..
+        } => format!("unloaded {instance_id} ({reason})"),
+        Event::TaskQueued {
+            task_id,
+            kind,
+            model,
+        } => format!("task {task_id} queued: {kind:?} on {model}").to_lowercase(),
+        Event::TaskStarted {
+            task_id,
+            instance_id,
+        } => format!("task {task_id} running on {instance_id}"),
+        Event::TaskFinished {
+            task_id,
+            outcome,
+            total_ms,
+        } => format!("task {task_id} finished: {outcome} in {total_ms} ms"),
+        Event::Backend { reachable: true } => "LM Studio is reachable".into(),
+        Event::Backend { reachable: false } => "LM Studio is UNREACHABLE".into(),
+        Event::Load { .. }
+        | Event::Reasoning { .. }
+        | Event::Delta { .. }
+        | Event::Queued { .. } => return,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!(
+        "{:02}:{:02}:{:02}  {line}",
+        now / 3600 % 24,
+        now / 60 % 60,
+        now % 60
+    );
+}
+
+/// `status --watch`: the status, redrawn each second when it changed, until interrupted.
+pub async fn watch_status(socket: &std::path::Path, json: bool) -> std::process::ExitCode {
+    let mut last = String::new();
+    loop {
+        let result = match lmsd_proto::Client::connect(socket).await {
+            Ok(mut client) => client.call(lmsd_proto::Request::Status, |_| {}).await,
+            Err(error) => Err(error),
+        };
+        let shown = match &result {
+            Ok(Outcome::Status(status)) if json => {
+                serde_json::to_string(status).unwrap_or_default() + "\n"
+            }
+            Ok(Outcome::Status(status)) => render_status(status),
+            Ok(_) => String::new(),
+            Err(error) => {
+                eprintln!("lmsd-ctl: {error}");
+                return std::process::ExitCode::from(crate::exit_code(error));
+            }
+        };
+        // The daemon's uptime changes every second; redraw for anything else.
+        let comparable = |text: &str| text.lines().skip(1).collect::<Vec<_>>().join("\n");
+        if comparable(&shown) != comparable(&last) {
+            if !json {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{shown}");
+            last = shown;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 fn print_status(status: &StatusReport) {
+    print!("{}", render_status(status));
+}
+
+fn render_status(status: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let backend = &status.backend;
     let state = if backend.reachable {
         "reachable"
     } else {
         "UNREACHABLE"
     };
-    println!(
+    let _ = writeln!(
+        out,
         "lmsd {} (pid {}, up {}s)",
         status.daemon.version, status.daemon.pid, status.daemon.uptime_s
     );
-    println!("LM Studio {} {state}", backend.url);
+    let _ = writeln!(out, "LM Studio {} {state}", backend.url);
     if backend.simulated {
-        println!("  SIMULATED backend: replies are fake (lmsd --simulate)");
+        let _ = writeln!(
+            out,
+            "  SIMULATED backend: replies are fake (lmsd --simulate)"
+        );
     }
     if let Some(error) = &backend.last_error {
-        println!("  last error: {error}");
+        let _ = writeln!(out, "  last error: {error}");
     }
     let memory = &status.memory;
-    println!(
+    let _ = writeln!(
+        out,
         "memory budget {}: {} used, {} free",
         size(memory.budget_bytes),
         size(memory.used_bytes),
         size(memory.free_bytes)
     );
     if status.instances.is_empty() {
-        println!("no instances loaded");
+        let _ = writeln!(out, "no instances loaded");
     } else {
         let rows: Vec<Vec<String>> = status
             .instances
@@ -193,18 +290,19 @@ fn print_status(status: &StatusReport) {
                 ]
             })
             .collect();
-        table(
+        out.push_str(&table(
             &[
                 "INSTANCE", "MODEL", "STATE", "TASKS", "SIZE", "CONTEXT", "IDLE", "TTL LEFT",
                 "PINNED", "BY",
             ],
             &rows,
-        );
+        ));
     }
     if !status.evictions.is_empty() {
-        println!("recent evictions:");
+        let _ = writeln!(out, "recent evictions:");
         for eviction in &status.evictions {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {} ago  {} ({})",
                 duration(eviction.seconds_ago),
                 eviction.instance_id,
@@ -212,6 +310,7 @@ fn print_status(status: &StatusReport) {
             );
         }
     }
+    out
 }
 
 /// `1h05m`, `4m10s`, `42s`.
@@ -253,17 +352,20 @@ fn print_models(list: &ModelList) {
             ]
         })
         .collect();
-    table(
-        &[
-            "KEY",
-            "TYPE",
-            "PARAMS",
-            "SIZE",
-            "MAX CTX",
-            "CAPABILITIES",
-            "LOADED",
-        ],
-        &rows,
+    print!(
+        "{}",
+        table(
+            &[
+                "KEY",
+                "TYPE",
+                "PARAMS",
+                "SIZE",
+                "MAX CTX",
+                "CAPABILITIES",
+                "LOADED",
+            ],
+            &rows,
+        )
     );
 }
 
@@ -291,18 +393,21 @@ fn print_tasks(list: &TaskList) {
             ]
         })
         .collect();
-    table(
-        &[
-            "TASK",
-            "KIND",
-            "MODEL",
-            "STATE",
-            "INSTANCE",
-            "PRIORITY",
-            "AGE",
-            "DEADLINE IN",
-        ],
-        &rows,
+    print!(
+        "{}",
+        table(
+            &[
+                "TASK",
+                "KIND",
+                "MODEL",
+                "STATE",
+                "INSTANCE",
+                "PRIORITY",
+                "AGE",
+                "DEADLINE IN",
+            ],
+            &rows,
+        )
     );
 }
 
@@ -327,9 +432,12 @@ fn print_sessions(list: &SessionList) {
             ]
         })
         .collect();
-    table(
-        &["SESSION", "MODEL", "TURNS", "LAST USE", "RESPONSE"],
-        &rows,
+    print!(
+        "{}",
+        table(
+            &["SESSION", "MODEL", "TURNS", "LAST USE", "RESPONSE"],
+            &rows,
+        )
     );
 }
 

@@ -104,11 +104,14 @@ pub async fn run(
         None => None,
     };
     let pool_shutdown = CancellationToken::new();
-    let metrics = Arc::new(metrics::Metrics::default());
+    let observers = pool::Observers {
+        metrics: Arc::new(metrics::Metrics::default()),
+        events: tokio::sync::broadcast::Sender::new(1024),
+    };
     let (pool, pool_task) = pool::spawn(
         lmstudio.clone(),
         settings.clone(),
-        metrics.clone(),
+        observers.clone(),
         pool_shutdown.clone(),
     );
     let reloader = Arc::new(service::Reloader::new(
@@ -125,7 +128,7 @@ pub async fn run(
         sessions: Arc::new(tasks::sessions::Sessions::open(
             config.state_file("sessions.json"),
         )),
-        metrics,
+        observers,
         ledger: Arc::new(ledger::Ledger::open(
             config.state_file("ledger.jsonl"),
             config.savings.ledger_max.0,

@@ -404,6 +404,7 @@ async fn dispatch(
         Request::Sessions(request) => Ok(Outcome::Sessions(tasks::sessions(ctx, request.forget))),
         Request::Savings(request) => Ok(Outcome::Savings(tasks::savings(ctx, request))),
         Request::Metrics => tasks::metrics(ctx).await.map(Outcome::Metrics),
+        Request::Events => Err(tasks::events(ctx, sink, cancel).await),
         Request::Reload => {
             return match ctx.reloader.reload().await {
                 Ok(outcome) => Reply::result(id, Outcome::Reload(outcome)),

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{ErrorCode, WireError};
-use crate::task::{CancelOutcome, Needs, Priority, SessionList, TaskList, WireDuration};
+use crate::task::{CancelOutcome, Needs, Priority, SessionList, TaskKind, TaskList, WireDuration};
 use crate::ttl::Ttl;
 use crate::PROTOCOL_VERSION;
 
@@ -49,6 +49,9 @@ pub enum Request {
     Savings(SavingsRequest),
     /// Prometheus metrics, as text.
     Metrics,
+    /// Subscribe to what happens in lmsd: loads, unloads, tasks, the backend. Events come until
+    /// the client hangs up (or lmsd stops: then a `shutting_down` error ends it).
+    Events,
 }
 
 /// `{"type":"savings", "since":"7d", "by":"model"}`; both optional.
@@ -365,6 +368,42 @@ pub enum Event {
     Delta { content: String },
     /// The task waits in lmsd's queue; `position` 1 is next.
     Queued { task_id: String, position: u32 },
+    // What an `events` subscription hears, for every task and instance:
+    /// lmsd started loading a model.
+    LoadStarted { model: String },
+    /// A load finished.
+    Loaded {
+        model: String,
+        instance_id: String,
+        load_ms: u64,
+    },
+    /// A load failed.
+    LoadFailed { model: String, error: String },
+    /// An instance was unloaded: `reason` is `idle_ttl`, `memory` or `unload`.
+    Unloaded {
+        model: String,
+        instance_id: String,
+        reason: String,
+    },
+    /// A task was accepted.
+    TaskQueued {
+        task_id: String,
+        kind: TaskKind,
+        model: String,
+    },
+    /// A task got a slot on an instance.
+    TaskStarted {
+        task_id: String,
+        instance_id: String,
+    },
+    /// A task ended: `outcome` is `ok` or an error code.
+    TaskFinished {
+        task_id: String,
+        outcome: String,
+        total_ms: u64,
+    },
+    /// LM Studio became reachable or unreachable.
+    Backend { reachable: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -634,7 +673,8 @@ impl Request {
             | Request::Tasks
             | Request::Sessions(_)
             | Request::Savings(_)
-            | Request::Metrics => Ok(()),
+            | Request::Metrics
+            | Request::Events => Ok(()),
             Request::Cancel(cancel) => non_empty("task_id", &cancel.task_id),
             Request::Embed(embed) => {
                 non_empty("model", &embed.model)?;

@@ -37,6 +37,11 @@ async fn status_and_models_reflect_lm_studio() {
         human.stdout
     );
 
+    let table = daemon.ctl(&["models"]).await.stdout;
+    assert!(
+        table.contains("KEY") && table.contains("qwen/qwen3-4b") && table.contains("reasoning"),
+        "{table}"
+    );
     let models = daemon.ctl_json(&["models"]).await;
     let keys: Vec<&str> = models["models"]
         .as_array()

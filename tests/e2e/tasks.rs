@@ -737,3 +737,116 @@ async fn metrics_count_tasks_loads_evictions_and_first_tokens() {
         assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_loads_tasks_and_evictions() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start_with(
+        &sim.url(),
+        "[pool]\nmemory_budget = \"3GB\"\nturn_hold = \"0s\"\n",
+        &[],
+    )
+    .await;
+    let stream = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(b"{\"v\":1,\"id\":\"ev\",\"type\":\"events\"}\n")
+        .await
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(read));
+    // The subscription is live once it hears of a probe task; probe until it does.
+    'live: loop {
+        assert_eq!(
+            daemon
+                .ctl(&["embed", "text-embedding-nomic-embed-text-v1.5", "probe"])
+                .await
+                .code,
+            0
+        );
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_millis(500), lines.next_line())
+                .await
+                .unwrap_or(Ok(None))
+        {
+            if line.contains("task_finished") {
+                break 'live;
+            }
+        }
+    }
+    assert_eq!(daemon.ctl(&["chat", GRANITE, "hi"]).await.code, 0);
+    assert_eq!(daemon.ctl(&["chat", QWEN, "hi"]).await.code, 0);
+    let mut seen: Vec<String> = Vec::new();
+    while !seen
+        .iter()
+        .filter(|e| e.starts_with("task_finished"))
+        .count()
+        >= 2
+    {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let event: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["id"], "ev");
+        let name = event["event"].as_str().unwrap().to_owned();
+        seen.push(match name.as_str() {
+            "unloaded" => format!(
+                "unloaded {} {}",
+                event["instance_id"].as_str().unwrap(),
+                event["reason"].as_str().unwrap()
+            ),
+            "loaded" | "load_started" => format!("{name} {}", event["model"].as_str().unwrap()),
+            other => other.to_owned(),
+        });
+        if seen
+            .iter()
+            .filter(|e| e.starts_with("task_finished"))
+            .count()
+            >= 2
+        {
+            break;
+        }
+    }
+    let expected = [
+        "task_queued".to_owned(),
+        format!("load_started {GRANITE}"),
+        format!("loaded {GRANITE}"),
+        "task_started".to_owned(),
+        "task_finished".to_owned(),
+        "task_queued".to_owned(),
+        format!("unloaded {GRANITE} memory"),
+        format!("load_started {QWEN}"),
+        format!("loaded {QWEN}"),
+        "task_started".to_owned(),
+        "task_finished".to_owned(),
+    ];
+    assert_eq!(seen, expected);
+
+    // status --watch draws at once (and keeps going until interrupted).
+    let mut watch = tokio::process::Command::new(ctl_bin())
+        .args([
+            "--socket",
+            daemon.socket.to_str().unwrap(),
+            "status",
+            "--watch",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
+    let mut drawn = String::new();
+    while !drawn.contains("memory budget") {
+        let line = tokio::time::timeout(PATIENCE, out.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        drawn.push_str(&line);
+    }
+    watch.kill().await.unwrap();
+}

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lmsd_proto::{
-    Eviction, InstanceState, InstanceStatus, LoadOutcome, LoadRequest, LoadedBy, MemoryStatus,
-    PinOutcome, Priority, Ttl, UnloadOutcome, UnloadRequest,
+    Event, Eviction, InstanceState, InstanceStatus, LoadOutcome, LoadRequest, LoadedBy,
+    MemoryStatus, PinOutcome, Priority, Ttl, UnloadOutcome, UnloadRequest,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -159,7 +159,7 @@ struct Actor {
     /// What `owned_file` holds now.
     owned_written: BTreeSet<String>,
     evictions: VecDeque<(Eviction, Instant)>,
-    metrics: Arc<crate::metrics::Metrics>,
+    observers: super::Observers,
     jobs: JoinSet<JobResult>,
     releases: mpsc::UnboundedSender<u64>,
 }
@@ -167,7 +167,7 @@ struct Actor {
 pub(super) async fn run(
     lmstudio: LmStudio,
     settings: PoolSettings,
-    metrics: Arc<crate::metrics::Metrics>,
+    observers: super::Observers,
     mut commands: mpsc::Receiver<Command>,
     shutdown: CancellationToken,
 ) {
@@ -203,7 +203,7 @@ pub(super) async fn run(
         adopt: BTreeSet::new(),
         owned_written: BTreeSet::new(),
         evictions: VecDeque::new(),
-        metrics,
+        observers,
         jobs: JoinSet::new(),
         releases,
     };
@@ -510,6 +510,9 @@ impl Actor {
             echo_load_config: true,
         };
         tracing::info!(model = %model.key, size_bytes = model.size_bytes, "loading");
+        self.observers.emit(Event::LoadStarted {
+            model: model.key.clone(),
+        });
         // Each waiting task hears of a load of its model once: a busy model swapped in and out
         // would otherwise send every one of its waiters an event per swap.
         for waiter in self
@@ -582,6 +585,7 @@ impl Actor {
                                 models = models.len(),
                                 "LM Studio is reachable"
                             );
+                            self.observers.emit(Event::Backend { reachable: true });
                         }
                         self.reachable = true;
                         self.last_error = None;
@@ -594,6 +598,9 @@ impl Actor {
                             != Some(error.to_string());
                         if self.reachable || changed {
                             tracing::warn!(url = self.lmstudio.url(), %error, "cannot read LM Studio's models; will keep trying");
+                        }
+                        if self.reachable {
+                            self.observers.emit(Event::Backend { reachable: false });
                         }
                         self.reachable = false;
                         self.last_error = Some(error);
@@ -619,6 +626,10 @@ impl Actor {
                     }
                     Err(error) => {
                         tracing::warn!(model = %model, %error, "load failed");
+                        self.observers.emit(Event::LoadFailed {
+                            model: model.clone(),
+                            error: error.to_string(),
+                        });
                         self.fail_waiters_for(&model, &PoolError::Backend(error));
                     }
                 }
@@ -655,8 +666,13 @@ impl Actor {
         took: Duration,
         now: Instant,
     ) {
-        self.metrics.loaded();
+        self.observers.metrics.loaded();
         tracing::info!(model, instance = %reply.instance_id, load_ms = took.as_millis() as u64, "loaded");
+        self.observers.emit(Event::Loaded {
+            model: model.to_owned(),
+            instance_id: reply.instance_id.clone(),
+            load_ms: took.as_millis().try_into().unwrap_or(u64::MAX),
+        });
         let ttl_override = pending.as_ref().and_then(|p| p.ttl_override);
         let context_length = reply
             .load_config
@@ -726,8 +742,13 @@ impl Actor {
         now: Instant,
     ) {
         tracing::info!(instance = %instance.id, model = %instance.model, reason, rounds, "unloaded");
+        self.observers.emit(Event::Unloaded {
+            model: instance.model.clone(),
+            instance_id: instance.id.clone(),
+            reason: reason.to_owned(),
+        });
         if reason != "unload" {
-            self.metrics.evicted(reason);
+            self.observers.metrics.evicted(reason);
             self.evictions.push_front((
                 Eviction {
                     instance_id: instance.id.clone(),

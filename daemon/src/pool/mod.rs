@@ -80,6 +80,20 @@ impl PoolSettings {
     }
 }
 
+/// Where the pool reports what it does: metrics, and the `events` stream.
+#[derive(Debug, Clone)]
+pub struct Observers {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub events: tokio::sync::broadcast::Sender<lmsd_proto::Event>,
+}
+
+impl Observers {
+    /// Tells subscribers, if there are any; a slow one misses events rather than slowing lmsd.
+    pub fn emit(&self, event: lmsd_proto::Event) {
+        let _ = self.events.send(event);
+    }
+}
+
 /// Why the pool could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
@@ -332,10 +346,10 @@ impl PoolHandle {
 pub fn spawn(
     lmstudio: LmStudio,
     settings: PoolSettings,
-    metrics: Arc<crate::metrics::Metrics>,
+    observers: Observers,
     shutdown: CancellationToken,
 ) -> (PoolHandle, tokio::task::JoinHandle<()>) {
     let (commands, inbox) = mpsc::channel(1024);
-    let task = tokio::spawn(actor::run(lmstudio, settings, metrics, inbox, shutdown));
+    let task = tokio::spawn(actor::run(lmstudio, settings, observers, inbox, shutdown));
     (PoolHandle { commands }, task)
 }

@@ -138,7 +138,8 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub sessions: Arc<Sessions>,
     pub ledger: Arc<crate::ledger::Ledger>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Metrics and the `events` stream.
+    pub observers: crate::pool::Observers,
     /// Cancelled when lmsd begins to stop.
     pub stopping: CancellationToken,
     pub started: Instant,
@@ -293,6 +294,11 @@ impl<'a> Task<'a> {
         let handle = ctx
             .registry
             .register(kind, model, options.priority, deadline, cancel);
+        ctx.observers.emit(Event::TaskQueued {
+            task_id: handle.id.clone(),
+            kind,
+            model: model.to_owned(),
+        });
         let mut options = options;
         options.prefer.extend(config.routing.prefer.iter().cloned());
         Task {
@@ -434,6 +440,10 @@ impl<'a> Task<'a> {
             tracing::debug!(task = %self.handle.id, load_ms = millis(load), "loaded for this task");
         }
         self.handle.set_instance(Some(&lease.instance_id));
+        self.ctx.observers.emit(Event::TaskStarted {
+            task_id: self.handle.id.clone(),
+            instance_id: lease.instance_id.clone(),
+        });
         Ok(lease)
     }
 
@@ -595,6 +605,7 @@ impl<'a> Task<'a> {
                             if first_token && matches!(event, StreamEvent::Message(_)) {
                                 first_token = false;
                                 self.ctx
+                                    .observers
                                     .metrics
                                     .first_token(self.submitted.elapsed().as_secs_f64());
                             }
@@ -681,7 +692,15 @@ async fn run_task(
         let candidates = task.candidates(model, embedding).await?;
         task.run(&candidates, &work).await
     };
-    let (done, answered) = bounded(&ctx.stopping, &cancel, deadline, submitted, run).await?;
+    let result = bounded(&ctx.stopping, &cancel, deadline, submitted, run).await;
+    ctx.observers.emit(Event::TaskFinished {
+        task_id: task.handle.id.clone(),
+        outcome: result
+            .as_ref()
+            .map_or_else(|e| e.to_wire().code.to_string(), |_| "ok".to_owned()),
+        total_ms: millis(submitted.elapsed()),
+    });
+    let (done, answered) = result?;
     Ok((done, answered, task.finish()))
 }
 
@@ -753,7 +772,8 @@ fn record(
             error.to_wire().code.to_string(),
         ),
     };
-    ctx.metrics
+    ctx.observers
+        .metrics
         .task_finished(kind, &outcome, queued_ms, load_ms, total_ms);
     ctx.ledger.append(&crate::ledger::Record {
         time: crate::ledger::now_s(),
@@ -769,15 +789,40 @@ fn record(
     });
 }
 
+/// An `events` subscription: everything the pool and the tasks report, until the client hangs
+/// up or lmsd stops. It never succeeds; its end is the error that ended it.
+pub async fn events(ctx: &Context, sink: &EventSink, cancel: CancellationToken) -> TaskError {
+    let mut events = ctx.observers.events.subscribe();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return TaskError::Cancelled,
+            _ = ctx.stopping.cancelled() => return TaskError::Pool(PoolError::ShuttingDown),
+            event = events.recv() => match event {
+                Ok(event) => sink.send(event).await,
+                // A subscriber that cannot keep up misses events rather than slowing lmsd.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "events subscriber lagging");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return TaskError::Pool(PoolError::ShuttingDown),
+            },
+        }
+    }
+}
+
 /// The metrics, with the gauges read now.
 pub async fn metrics(ctx: &Context) -> Result<lmsd_proto::MetricsText, TaskError> {
     let status = ctx.pool.status().await?;
     let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    ctx.metrics.memory_used.set(gauge(status.memory.used_bytes));
-    ctx.metrics
+    ctx.observers
+        .metrics
+        .memory_used
+        .set(gauge(status.memory.used_bytes));
+    ctx.observers
+        .metrics
         .memory_budget
         .set(gauge(status.memory.budget_bytes));
-    ctx.metrics
+    ctx.observers
+        .metrics
         .instances
         .set(gauge(status.instances.len() as u64));
     let queued = ctx
@@ -786,9 +831,9 @@ pub async fn metrics(ctx: &Context) -> Result<lmsd_proto::MetricsText, TaskError
         .iter()
         .filter(|t| t.state == lmsd_proto::TaskState::Queued)
         .count();
-    ctx.metrics.queue_depth.set(gauge(queued as u64));
+    ctx.observers.metrics.queue_depth.set(gauge(queued as u64));
     Ok(lmsd_proto::MetricsText {
-        text: ctx.metrics.encode(),
+        text: ctx.observers.metrics.encode(),
     })
 }
 
