@@ -188,6 +188,50 @@ pub async fn p1(
 }
 
 #[derive(Debug, Serialize)]
+pub struct FrontDoor {
+    pub socket: Spread,
+    pub http: Spread,
+    pub http_minus_socket_p50_us: f64,
+}
+
+/// P6: the same chat through the OpenAI-compatible front door and through the socket.
+pub async fn p6(daemon: &Daemon, port: u16, samples: usize) -> Result<FrontDoor, String> {
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Summarise: the quick brown fox"}]});
+    let mut client = Client::connect(&daemon.socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut via_socket, mut via_http) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    for _ in 0..samples {
+        let started = Instant::now();
+        client
+            .call(chat_request(), |_| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        via_socket.push(started.elapsed());
+        let started = Instant::now();
+        let response = http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("the front door answered {}", response.status()));
+        }
+        response.bytes().await.map_err(|e| e.to_string())?;
+        via_http.push(started.elapsed());
+    }
+    let (socket, http) = (Spread::of(via_socket), Spread::of(via_http));
+    Ok(FrontDoor {
+        http_minus_socket_p50_us: http.p50_us - socket.p50_us,
+        socket,
+        http,
+    })
+}
+
+#[derive(Debug, Serialize)]
 pub struct Throughput {
     pub clients: usize,
     pub seconds: f64,

@@ -83,7 +83,12 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
             (3000, 32, Duration::from_secs(3), 1000, 10, 10, 50, 4000)
         };
     let sim = live::start_sim().await?;
-    let daemon = live::Daemon::start(&sim, "").await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let daemon =
+        live::Daemon::start(&sim, &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n")).await?;
     let status = live::status(&daemon).await?;
     println!(
         "lmsd-bench: lmsd {} in front of the simulator at {} (zero-delay)\n",
@@ -130,6 +135,12 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
         "  chats direct          {:>9.0} /s   (lmsd at {:.0}% of direct)\n",
         p2.chats_per_s_direct,
         100.0 * p2.chats_per_s_via_lmsd / p2.chats_per_s_direct.max(1.0)
+    );
+    let p6 = live::p6(&daemon, port, p1_samples).await?;
+    println!("P6 front door: the same chat via /v1/chat/completions and via the socket (p50)");
+    println!(
+        "  socket {:>8.1} us   HTTP {:>8.1} us   HTTP adds {:>6.1} us\n",
+        p6.socket.p50_us, p6.http.p50_us, p6.http_minus_socket_p50_us
     );
     drop(daemon);
 
@@ -204,6 +215,6 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
         verdict(p5.ctl_status_wall.p50_us <= 5_000.0)
     );
     Ok(
-        json!({ "p1": p1, "p2": p2, "p3": p3, "p4": p4, "p5": p5, "quick": args.quick, "seed": args.seed }),
+        json!({ "p1": p1, "p2": p2, "p3": p3, "p4": p4, "p5": p5, "p6": p6, "quick": args.quick, "seed": args.seed }),
     )
 }

@@ -48,7 +48,8 @@ impl Prices {
 pub struct Ledger {
     path: Option<PathBuf>,
     max_bytes: u64,
-    lock: Mutex<()>,
+    /// The open file and its size, kept between appends so a task costs one write.
+    open: Mutex<Option<(std::fs::File, u64)>>,
 }
 
 pub fn now_s() -> f64 {
@@ -76,8 +77,14 @@ impl Ledger {
         Ledger {
             path,
             max_bytes,
-            lock: Mutex::new(()),
+            open: Mutex::new(None),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(std::fs::File, u64)>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn rotated(&self) -> Option<PathBuf> {
@@ -86,26 +93,37 @@ impl Ledger {
 
     pub fn append(&self, record: &Record) {
         let Some(path) = &self.path else { return };
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            if std::fs::metadata(path).is_ok_and(|m| m.len() >= self.max_bytes) {
+        let mut open = self.lock();
+        let mut write = || -> std::io::Result<()> {
+            let line = format!("{}\n", serde_json::to_string(record)?);
+            if open
+                .as_ref()
+                .is_some_and(|(_, size)| *size >= self.max_bytes)
+            {
+                *open = None;
                 if let Some(rotated) = self.rotated() {
                     std::fs::rename(path, rotated)?;
                 }
             }
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
-            writeln!(file, "{}", serde_json::to_string(record)?)
+            if open.is_none() {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                let size = file.metadata()?.len();
+                *open = Some((file, size));
+            }
+            if let Some((file, size)) = open.as_mut() {
+                file.write_all(line.as_bytes())?;
+                *size += line.len() as u64;
+            }
+            Ok(())
         };
         if let Err(error) = write() {
+            *open = None;
             tracing::warn!(file = %path.display(), %error, "cannot append to the savings ledger");
         }
     }
@@ -120,10 +138,8 @@ impl Ledger {
         let from = since.map_or(f64::MIN, |d| now_s() - d.as_secs_f64());
         let mut totals = SavingsTotals::default();
         let mut groups: BTreeMap<String, SavingsTotals> = BTreeMap::new();
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Held while reading, so a rotation cannot move a file from under the sums.
+        let _guard = self.lock();
         for file in [self.rotated(), self.path.clone()].into_iter().flatten() {
             let Ok(file) = std::fs::File::open(&file) else {
                 continue;
