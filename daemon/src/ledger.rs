@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lmsd_proto::{SavingsGroup, SavingsGrouping, SavingsReport, SavingsTotals};
@@ -43,13 +43,15 @@ impl Prices {
 }
 
 /// Appends to `ledger.jsonl`; past `max_bytes` it becomes `ledger.1.jsonl` (replacing the older
-/// one) and a new file starts. A plain mutex: appends are short, never across an `.await`.
+/// one) and a new file starts. Appends go to a writer thread, so a task never waits on the disk.
 #[derive(Debug)]
 pub struct Ledger {
     path: Option<PathBuf>,
-    max_bytes: u64,
-    /// The open file and its size, kept between appends so a task costs one write.
-    open: Mutex<Option<(std::fs::File, u64)>>,
+    queue: Mutex<Option<std::sync::mpsc::SyncSender<Record>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held by the writer while it rotates and by `report` while it reads. Plain mutexes: short
+    /// holds, never across an `.await`.
+    files: Arc<Mutex<()>>,
 }
 
 pub fn now_s() -> f64 {
@@ -72,38 +74,25 @@ fn day(time: f64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-impl Ledger {
-    pub fn open(path: Option<PathBuf>, max_bytes: u64) -> Self {
-        Ledger {
-            path,
-            max_bytes,
-            open: Mutex::new(None),
-        }
-    }
+/// Records waiting for the writer; past this a record is dropped (and that is logged).
+const QUEUE: usize = 4096;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(std::fs::File, u64)>> {
-        self.open
+fn write_all(
+    path: &Path,
+    max_bytes: u64,
+    files: &Mutex<()>,
+    records: std::sync::mpsc::Receiver<Record>,
+) {
+    let mut open: Option<(std::fs::File, u64)> = None;
+    for record in records {
+        let _guard = files
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn rotated(&self) -> Option<PathBuf> {
-        self.path.as_ref().map(|p| p.with_extension("1.jsonl"))
-    }
-
-    pub fn append(&self, record: &Record) {
-        let Some(path) = &self.path else { return };
-        let mut open = self.lock();
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut write = || -> std::io::Result<()> {
-            let line = format!("{}\n", serde_json::to_string(record)?);
-            if open
-                .as_ref()
-                .is_some_and(|(_, size)| *size >= self.max_bytes)
-            {
-                *open = None;
-                if let Some(rotated) = self.rotated() {
-                    std::fs::rename(path, rotated)?;
-                }
+            let line = format!("{}\n", serde_json::to_string(&record)?);
+            if open.as_ref().is_some_and(|(_, size)| *size >= max_bytes) {
+                open = None;
+                std::fs::rename(path, path.with_extension("1.jsonl"))?;
             }
             if open.is_none() {
                 if let Some(dir) = path.parent() {
@@ -114,7 +103,7 @@ impl Ledger {
                     .append(true)
                     .open(path)?;
                 let size = file.metadata()?.len();
-                *open = Some((file, size));
+                open = Some((file, size));
             }
             if let Some((file, size)) = open.as_mut() {
                 file.write_all(line.as_bytes())?;
@@ -123,8 +112,64 @@ impl Ledger {
             Ok(())
         };
         if let Err(error) = write() {
-            *open = None;
+            open = None;
             tracing::warn!(file = %path.display(), %error, "cannot append to the savings ledger");
+        }
+    }
+}
+
+impl Ledger {
+    pub fn open(path: Option<PathBuf>, max_bytes: u64) -> Self {
+        let files = Arc::new(Mutex::new(()));
+        let (queue, writer) = match &path {
+            Some(path) => {
+                let (sender, records) = std::sync::mpsc::sync_channel(QUEUE);
+                let (path, files) = (path.clone(), files.clone());
+                let writer = std::thread::Builder::new()
+                    .name("lmsd-ledger".into())
+                    .spawn(move || write_all(&path, max_bytes, &files, records))
+                    .ok();
+                (writer.is_some().then_some(sender), writer)
+            }
+            None => (None, None),
+        };
+        Ledger {
+            path,
+            queue: Mutex::new(queue),
+            writer: Mutex::new(writer),
+            files,
+        }
+    }
+
+    fn rotated(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| p.with_extension("1.jsonl"))
+    }
+
+    pub fn append(&self, record: Record) {
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(queue) = queue.as_ref() {
+            if queue.try_send(record).is_err() {
+                tracing::warn!("the savings ledger is behind; a record was dropped");
+            }
+        }
+    }
+
+    /// Writes what is queued and stops the writer (at shutdown).
+    pub fn close(&self) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(writer) = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+        {
+            let _ = writer.join();
         }
     }
 
@@ -139,7 +184,10 @@ impl Ledger {
         let mut totals = SavingsTotals::default();
         let mut groups: BTreeMap<String, SavingsTotals> = BTreeMap::new();
         // Held while reading, so a rotation cannot move a file from under the sums.
-        let _guard = self.lock();
+        let _guard = self
+            .files
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for file in [self.rotated(), self.path.clone()].into_iter().flatten() {
             let Ok(file) = std::fs::File::open(&file) else {
                 continue;
@@ -210,9 +258,10 @@ mod tests {
     fn sums_group_and_survive_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(Some(dir.path().join("ledger.jsonl")), 300);
-        ledger.append(&record("a", Some("coder"), 1_000_000, "ok"));
-        ledger.append(&record("b", None, 1_000_000, "ok"));
-        ledger.append(&record("a", Some("coder"), 5, "deadline_exceeded"));
+        ledger.append(record("a", Some("coder"), 1_000_000, "ok"));
+        ledger.append(record("b", None, 1_000_000, "ok"));
+        ledger.append(record("a", Some("coder"), 5, "deadline_exceeded"));
+        ledger.close();
         assert!(
             dir.path().join("ledger.1.jsonl").exists(),
             "rotated past 300 bytes"

@@ -120,6 +120,10 @@ pub async fn run(
         pool.clone(),
         log_level,
     ));
+    let ledger = Arc::new(ledger::Ledger::open(
+        config.state_file("ledger.jsonl"),
+        config.savings.ledger_max.0,
+    ));
     let ctx = tasks::Context {
         lmstudio,
         pool: pool.clone(),
@@ -129,10 +133,7 @@ pub async fn run(
             config.state_file("sessions.json"),
         )),
         observers,
-        ledger: Arc::new(ledger::Ledger::open(
-            config.state_file("ledger.jsonl"),
-            config.savings.ledger_max.0,
-        )),
+        ledger: ledger.clone(),
         reloader: reloader.clone(),
         stopping: shutdown.clone(),
         started: Instant::now(),
@@ -198,6 +199,7 @@ pub async fn run(
     }
     pool_shutdown.cancel();
     let _ = pool_task.await;
+    ledger.close();
     side_tasks.close();
     drop(reloader);
     tracing::info!("lmsd stopped");

@@ -215,17 +215,23 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(command) = commands.recv() => {
+                        Some(command) = commands.recv() => {
+                // Status and the like change nothing: no need to re-plan after them.
+                let read_only = matches!(command, Command::Status { .. } | Command::RefreshSoon);
                 actor.command(command);
-                actor.pump(Instant::now(), false);
+                if !read_only {
+                    actor.pump(Instant::now(), false);
+                }
             }
             Some(serial) = released.recv() => {
                 actor.release(serial);
                 actor.pump(Instant::now(), false);
             }
-            Some(Ok(result)) = actor.jobs.join_next(), if !actor.jobs.is_empty() => {
+                        Some(Ok(result)) = actor.jobs.join_next(), if !actor.jobs.is_empty() => {
                 actor.job_done(result);
                 actor.pump(Instant::now(), false);
+                // Only jobs (loads, unloads, catalogue reads) change which instances are lmsd's.
+                actor.save_owned();
             }
             _ = tick.tick() => {
                 if Instant::now() >= actor.next_poll {
@@ -1035,7 +1041,6 @@ impl Actor {
         if full {
             self.report_positions();
         }
-        self.save_owned();
     }
 
     /// Keeps `owned_file` listing lmsd's own instances, when that set changes.

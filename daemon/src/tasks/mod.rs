@@ -775,7 +775,7 @@ fn record(
     ctx.observers
         .metrics
         .task_finished(kind, &outcome, queued_ms, load_ms, total_ms);
-    ctx.ledger.append(&crate::ledger::Record {
+    ctx.ledger.append(crate::ledger::Record {
         time: crate::ledger::now_s(),
         kind: kind.to_owned(),
         model,
