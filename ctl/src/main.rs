@@ -225,8 +225,12 @@ struct ChatArgs {
     log_content: bool,
 }
 
-fn read_stdin() -> std::io::Result<String> {
-    std::io::read_to_string(std::io::stdin())
+/// Standard input; or, when it cannot be read, the exit code after saying why.
+fn read_stdin() -> Result<String, ExitCode> {
+    std::io::read_to_string(std::io::stdin()).map_err(|error| {
+        eprintln!("lmsd-ctl: cannot read standard input: {error}");
+        ExitCode::from(2)
+    })
 }
 
 impl ChatArgs {
@@ -354,16 +358,13 @@ async fn main() -> ExitCode {
             queue,
         } => {
             let input = if texts == ["-"] {
-                match read_stdin() {
+                                match read_stdin() {
                     Ok(text) => text
                         .lines()
                         .filter(|l| !l.trim().is_empty())
                         .map(str::to_owned)
                         .collect(),
-                    Err(error) => {
-                        eprintln!("lmsd-ctl: cannot read standard input: {error}");
-                        return ExitCode::from(2);
-                    }
+                    Err(code) => return code,
                 }
             } else {
                 texts
@@ -382,12 +383,9 @@ async fn main() -> ExitCode {
         }
         Command::Chat(args) => {
             let input = if args.task == "-" {
-                match read_stdin() {
+                                match read_stdin() {
                     Ok(text) => text,
-                    Err(error) => {
-                        eprintln!("lmsd-ctl: cannot read the task from standard input: {error}");
-                        return ExitCode::from(2);
-                    }
+                    Err(code) => return code,
                 }
             } else {
                 args.task.clone()
