@@ -358,7 +358,7 @@ async fn main() -> ExitCode {
             queue,
         } => {
             let input = if texts == ["-"] {
-                                match read_stdin() {
+                match read_stdin() {
                     Ok(text) => text
                         .lines()
                         .filter(|l| !l.trim().is_empty())
@@ -383,7 +383,7 @@ async fn main() -> ExitCode {
         }
         Command::Chat(args) => {
             let input = if args.task == "-" {
-                                match read_stdin() {
+                match read_stdin() {
                     Ok(text) => text,
                     Err(code) => return code,
                 }
