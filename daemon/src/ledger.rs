@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lmsd_proto::{SavingsGroup, SavingsGrouping, SavingsReport, SavingsTotals};
@@ -43,16 +43,22 @@ impl Prices {
 }
 
 /// Appends to `ledger.jsonl`; past `max_bytes` it becomes `ledger.1.jsonl` (replacing the older
-/// one) and a new file starts. Appends go to a writer thread, so a task never waits on the disk.
+/// one) and a new file starts. Tasks only push their record to a buffer; `flush` (every
+/// `FLUSH_EVERY`, off the tasks' path, and at shutdown) writes the buffer in one go.
 #[derive(Debug)]
 pub struct Ledger {
     path: Option<PathBuf>,
-    queue: Mutex<Option<std::sync::mpsc::SyncSender<Record>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Held by the writer while it rotates and by `report` while it reads. Plain mutexes: short
-    /// holds, never across an `.await`.
-    files: Arc<Mutex<()>>,
+    max_bytes: u64,
+    pending: Mutex<Vec<Record>>,
+    /// The open file and its size, between flushes. Plain mutexes: short holds, never across an
+    /// `.await`.
+    file: Mutex<Option<(std::fs::File, u64)>>,
 }
+
+/// How often buffered records reach the disk.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Records buffered at most; past this a record is dropped (and that is logged).
+const PENDING_MAX: usize = 100_000;
 
 pub fn now_s() -> f64 {
     SystemTime::now()
@@ -74,25 +80,65 @@ fn day(time: f64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Records waiting for the writer; past this a record is dropped (and that is logged).
-const QUEUE: usize = 4096;
+impl Ledger {
+    pub fn open(path: Option<PathBuf>, max_bytes: u64) -> Self {
+        Ledger {
+            path,
+            max_bytes,
+            pending: Mutex::new(Vec::new()),
+            file: Mutex::new(None),
+        }
+    }
 
-fn write_all(
-    path: &Path,
-    max_bytes: u64,
-    files: &Mutex<()>,
-    records: std::sync::mpsc::Receiver<Record>,
-) {
-    let mut open: Option<(std::fs::File, u64)> = None;
-    for record in records {
-        let _guard = files
+    fn rotated(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| p.with_extension("1.jsonl"))
+    }
+
+    pub fn append(&self, record: Record) {
+        if self.path.is_none() {
+            return;
+        }
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pending.len() < PENDING_MAX {
+            pending.push(record);
+        } else {
+            tracing::warn!("the savings ledger is behind; a record was dropped");
+        }
+    }
+
+    /// Writes the buffered records (blocking file I/O: call it from a blocking context).
+    pub fn flush(&self) {
+        let Some(path) = &self.path else { return };
+        let records = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        if records.is_empty() {
+            return;
+        }
+        let mut open = self
+            .file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut write = || -> std::io::Result<()> {
-            let line = format!("{}\n", serde_json::to_string(&record)?);
-            if open.as_ref().is_some_and(|(_, size)| *size >= max_bytes) {
-                open = None;
-                std::fs::rename(path, path.with_extension("1.jsonl"))?;
+            let mut text = String::new();
+            for record in &records {
+                text.push_str(&serde_json::to_string(record)?);
+                text.push('\n');
+            }
+            if open
+                .as_ref()
+                .is_some_and(|(_, size)| *size >= self.max_bytes)
+            {
+                *open = None;
+                if let Some(rotated) = self.rotated() {
+                    std::fs::rename(path, rotated)?;
+                }
             }
             if open.is_none() {
                 if let Some(dir) = path.parent() {
@@ -103,74 +149,35 @@ fn write_all(
                     .append(true)
                     .open(path)?;
                 let size = file.metadata()?.len();
-                open = Some((file, size));
+                *open = Some((file, size));
             }
             if let Some((file, size)) = open.as_mut() {
-                file.write_all(line.as_bytes())?;
-                *size += line.len() as u64;
+                file.write_all(text.as_bytes())?;
+                *size += text.len() as u64;
             }
             Ok(())
         };
         if let Err(error) = write() {
-            open = None;
+            *open = None;
             tracing::warn!(file = %path.display(), %error, "cannot append to the savings ledger");
         }
     }
-}
 
-impl Ledger {
-    pub fn open(path: Option<PathBuf>, max_bytes: u64) -> Self {
-        let files = Arc::new(Mutex::new(()));
-        let (queue, writer) = match &path {
-            Some(path) => {
-                let (sender, records) = std::sync::mpsc::sync_channel(QUEUE);
-                let (path, files) = (path.clone(), files.clone());
-                let writer = std::thread::Builder::new()
-                    .name("lmsd-ledger".into())
-                    .spawn(move || write_all(&path, max_bytes, &files, records))
-                    .ok();
-                (writer.is_some().then_some(sender), writer)
+    /// Flushes every `FLUSH_EVERY` until `stop`, then once more.
+    pub async fn run_flusher(
+        self: std::sync::Arc<Self>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => break,
             }
-            None => (None, None),
-        };
-        Ledger {
-            path,
-            queue: Mutex::new(queue),
-            writer: Mutex::new(writer),
-            files,
+            let ledger = self.clone();
+            let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;
         }
-    }
-
-    fn rotated(&self) -> Option<PathBuf> {
-        self.path.as_ref().map(|p| p.with_extension("1.jsonl"))
-    }
-
-    pub fn append(&self, record: Record) {
-        let queue = self
-            .queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(queue) = queue.as_ref() {
-            if queue.try_send(record).is_err() {
-                tracing::warn!("the savings ledger is behind; a record was dropped");
-            }
-        }
-    }
-
-    /// Writes what is queued and stops the writer (at shutdown).
-    pub fn close(&self) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(writer) = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
-        {
-            let _ = writer.join();
-        }
+        let _ = tokio::task::spawn_blocking(move || self.flush()).await;
     }
 
     /// Sums the records of the last `since` (or all), grouped if asked.
@@ -184,8 +191,9 @@ impl Ledger {
         let mut totals = SavingsTotals::default();
         let mut groups: BTreeMap<String, SavingsTotals> = BTreeMap::new();
         // Held while reading, so a rotation cannot move a file from under the sums.
+        self.flush();
         let _guard = self
-            .files
+            .file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         for file in [self.rotated(), self.path.clone()].into_iter().flatten() {
@@ -260,8 +268,9 @@ mod tests {
         let ledger = Ledger::open(Some(dir.path().join("ledger.jsonl")), 300);
         ledger.append(record("a", Some("coder"), 1_000_000, "ok"));
         ledger.append(record("b", None, 1_000_000, "ok"));
+        ledger.flush();
         ledger.append(record("a", Some("coder"), 5, "deadline_exceeded"));
-        ledger.close();
+        ledger.flush();
         assert!(
             dir.path().join("ledger.1.jsonl").exists(),
             "rotated past 300 bytes"

@@ -124,6 +124,8 @@ pub async fn run(
         config.state_file("ledger.jsonl"),
         config.savings.ledger_max.0,
     ));
+    let ledger_stop = CancellationToken::new();
+    let ledger_flusher = tokio::spawn(ledger.clone().run_flusher(ledger_stop.clone()));
     let ctx = tasks::Context {
         lmstudio,
         pool: pool.clone(),
@@ -199,7 +201,8 @@ pub async fn run(
     }
     pool_shutdown.cancel();
     let _ = pool_task.await;
-    ledger.close();
+    ledger_stop.cancel();
+    let _ = ledger_flusher.await;
     side_tasks.close();
     drop(reloader);
     tracing::info!("lmsd stopped");
