@@ -174,6 +174,15 @@ impl Ledger {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => break,
             }
+            // An idle daemon should not wake a blocking thread twice a second.
+            if self
+                .pending
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .is_empty()
+            {
+                continue;
+            }
             let ledger = self.clone();
             let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;
         }

@@ -712,6 +712,24 @@ async fn the_savings_ledger_counts_tokens_at_paid_prices_across_restarts() {
     assert!(!ledger.contains("one two three"), "no prompt in the ledger");
 }
 
+#[tokio::test]
+async fn ledger_lines_reach_the_disk_while_lmsd_runs() {
+    // Neither a `savings` request nor a shutdown flushes here: only the periodic writer can.
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap().to_owned();
+    let daemon =
+        TestDaemon::start_with(&sim.url(), "", &[("STATE_DIRECTORY", state_dir.as_str())]).await;
+    daemon
+        .ctl_json(&["chat", GRANITE, "hello", "--tag", "writer"])
+        .await;
+    let ledger = state.path().join("ledger.jsonl");
+    eventually("the ledger line on disk", || {
+        std::fs::read_to_string(&ledger).is_ok_and(|text| text.contains("\"writer\""))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_tasks_loads_evictions_and_first_tokens() {
     let sim = start_sim(SimConfig::zero_delay()).await;
