@@ -125,6 +125,15 @@ fn chat_request() -> Request {
     })
 }
 
+/// One chat through lmsd; a typed error from lmsd fails the measurement.
+async fn chat_through(client: &mut Client) -> Result<(), String> {
+    client
+        .call(chat_request(), |_| {})
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 fn direct_body() -> serde_json::Value {
     serde_json::json!({ "model": MODEL, "input": "Summarise: the quick brown fox" })
 }
@@ -149,10 +158,7 @@ pub async fn p1(
         .await
         .map_err(|e| e.to_string())?;
     // Warm both paths: the model loaded, connections open.
-    client
-        .call(chat_request(), |_| {})
-        .await
-        .map_err(|e| e.to_string())?;
+    chat_through(&mut client).await?;
     http.post(&url)
         .json(&direct_body())
         .send()
@@ -172,10 +178,7 @@ pub async fn p1(
         response.bytes().await.map_err(|e| e.to_string())?;
         direct.push(started.elapsed());
         let started = Instant::now();
-        client
-            .call(chat_request(), |_| {})
-            .await
-            .map_err(|e| e.to_string())?;
+        chat_through(&mut client).await?;
         via.push(started.elapsed());
     }
     let (direct, via_lmsd) = (Spread::of(direct), Spread::of(via));
@@ -205,10 +208,7 @@ pub async fn p6(daemon: &Daemon, port: u16, samples: usize) -> Result<FrontDoor,
     let (mut via_socket, mut via_http) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
     for _ in 0..samples {
         let started = Instant::now();
-        client
-            .call(chat_request(), |_| {})
-            .await
-            .map_err(|e| e.to_string())?;
+        chat_through(&mut client).await?;
         via_socket.push(started.elapsed());
         let started = Instant::now();
         let response = http
@@ -288,10 +288,7 @@ pub async fn p2(
             let end = Instant::now() + window;
             let mut n = 0;
             while Instant::now() < end {
-                client
-                    .call(chat_request(), |_| {})
-                    .await
-                    .map_err(|e| e.to_string())?;
+                chat_through(&mut client).await?;
                 n += 1;
             }
             Ok(n)
@@ -344,10 +341,7 @@ pub async fn p3(sim: &Simulator, connections: usize, tasks_each: usize) -> Resul
     let mut client = Client::connect(&daemon.socket)
         .await
         .map_err(|e| e.to_string())?;
-    client
-        .call(chat_request(), |_| {})
-        .await
-        .map_err(|e| e.to_string())?;
+    chat_through(&mut client).await?;
     let idle_rss_mib = mib(daemon.rss_kib());
     sim.inject(
         Route::Chat,
