@@ -38,6 +38,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code this version of lmsd sends (all but `Unknown`).
+    pub const KNOWN: [ErrorCode; 13] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::BackendUnreachable,
+        ErrorCode::BackendError,
+        ErrorCode::ModelNotFound,
+        ErrorCode::OutOfMemory,
+        ErrorCode::BudgetExceeded,
+        ErrorCode::ShuttingDown,
+        ErrorCode::QueueFull,
+        ErrorCode::DeadlineExceeded,
+        ErrorCode::Cancelled,
+        ErrorCode::PermissionDenied,
+        ErrorCode::Internal,
+    ];
+
     /// The snake_case name used on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -92,21 +109,7 @@ mod tests {
 
     #[test]
     fn codes_serialize_as_their_documented_names() {
-        for code in [
-            ErrorCode::BadRequest,
-            ErrorCode::UnsupportedVersion,
-            ErrorCode::BackendUnreachable,
-            ErrorCode::BackendError,
-            ErrorCode::ModelNotFound,
-            ErrorCode::OutOfMemory,
-            ErrorCode::BudgetExceeded,
-            ErrorCode::ShuttingDown,
-            ErrorCode::PermissionDenied,
-            ErrorCode::QueueFull,
-            ErrorCode::DeadlineExceeded,
-            ErrorCode::Cancelled,
-            ErrorCode::Internal,
-        ] {
+        for code in ErrorCode::KNOWN {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
