@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lmsd_proto::{SavingsGroup, SavingsGrouping, SavingsReport, SavingsTotals};
@@ -94,14 +94,18 @@ impl Ledger {
         self.path.as_ref().map(|p| p.with_extension("1.jsonl"))
     }
 
+    /// The buffer; a panic elsewhere while it was held leaves it usable.
+    fn pending(&self) -> MutexGuard<'_, Vec<Record>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn append(&self, record: Record) {
         if self.path.is_none() {
             return;
         }
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pending = self.pending();
         if pending.len() < PENDING_MAX {
             pending.push(record);
         } else {
@@ -112,12 +116,7 @@ impl Ledger {
     /// Writes the buffered records (blocking file I/O: call it from a blocking context).
     pub fn flush(&self) {
         let Some(path) = &self.path else { return };
-        let records = std::mem::take(
-            &mut *self
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+        let records = std::mem::take(&mut *self.pending());
         if records.is_empty() {
             return;
         }
@@ -175,12 +174,7 @@ impl Ledger {
                 _ = stop.cancelled() => break,
             }
             // An idle daemon should not wake a blocking thread twice a second.
-            if self
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .is_empty()
-            {
+            if self.pending().is_empty() {
                 continue;
             }
             let ledger = self.clone();
