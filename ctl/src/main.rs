@@ -22,10 +22,10 @@ Exit codes:
   2  bad command line
   3  lmsd is not running or the socket cannot be reached
   4  lmsd rejected the request (bad_request, unsupported_version)
-  5  LM Studio is unreachable (backend_unreachable)
-  6  LM Studio answered with an error (backend_error)
+  5  the engine (LM Studio, llama-server) is unreachable (backend_unreachable)
+  6  the engine answered with an error (backend_error)
   7  no such model or instance, or none meets the needs (model_not_found)
-  8  LM Studio ran out of memory loading the model (out_of_memory)
+  8  the engine ran out of memory loading the model (out_of_memory)
   9  lmsd is shutting down (shutting_down)
  10  the model does not fit in lmsd's memory budget (budget_exceeded)
  11  this user may not use that lmsd (permission_denied)

@@ -166,8 +166,8 @@ pub fn print_daemon_event(event: &Event) {
             outcome,
             total_ms,
         } => format!("task {task_id} finished: {outcome} in {total_ms} ms"),
-        Event::Backend { reachable: true } => "LM Studio is reachable".into(),
-        Event::Backend { reachable: false } => "LM Studio is UNREACHABLE".into(),
+        Event::Backend { reachable: true } => "the engine is reachable".into(),
+        Event::Backend { reachable: false } => "the engine is UNREACHABLE".into(),
         Event::Load { .. }
         | Event::Reasoning { .. }
         | Event::Delta { .. }
@@ -234,7 +234,7 @@ fn render_status(status: &StatusReport) -> String {
         "lmsd {} (pid {}, up {}s)",
         status.daemon.version, status.daemon.pid, status.daemon.uptime_s
     );
-    let _ = writeln!(out, "LM Studio {} {state}", backend.url);
+    let _ = writeln!(out, "{} {} {state}", backend.engine_name(), backend.url);
     if backend.simulated {
         let _ = writeln!(
             out,

@@ -63,16 +63,21 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
             steps.report(
                 "health",
                 started,
-                &format!("LM Studio at {} answers{simulated}", status.backend.url),
+                &format!(
+                    "{} at {} answers{simulated}",
+                    status.backend.engine_name(),
+                    status.backend.url
+                ),
             );
         }
         Ok(Outcome::Status(status)) => {
             let error = WireError::new(
                 ErrorCode::BackendUnreachable,
                 format!(
-                    "LM Studio at {} does not answer: {}",
+                    "{} at {} does not answer: {}",
+                    status.backend.engine_name(),
                     status.backend.url,
-                    status.backend.last_error.unwrap_or_default()
+                    status.backend.last_error.as_deref().unwrap_or_default()
                 ),
             );
             return failed("health", &ClientError::Remote(error), json);
@@ -101,7 +106,7 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
                     None => {
                         let error = WireError::new(
                             ErrorCode::ModelNotFound,
-                            "LM Studio has no LLM to test with",
+                            "the engine has no LLM to test with",
                         );
                         return failed("choose", &ClientError::Remote(error), json);
                     }
@@ -211,7 +216,7 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
             steps.report(
                 "verify",
                 started,
-                &format!("LM Studio lists no instance of {model}"),
+                &format!("the engine lists no instance of {model}"),
             );
         }
         Ok(_) => {

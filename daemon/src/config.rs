@@ -9,16 +9,13 @@ use std::time::Duration;
 use lmsd_proto::Ttl;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Environment variable that overrides the LM Studio API token.
-pub const TOKEN_ENV: &str = "LMSD_LMSTUDIO_TOKEN";
-/// LM Studio accepts any token when auth is off; this is what its own tools send.
-pub const DEFAULT_TOKEN: &str = "lmstudio";
-
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub backend: BackendConfig,
     pub lmstudio: LmStudioConfig,
+    pub llama_server: LlamaServerConfig,
     pub pool: PoolConfig,
     /// Per-model settings, keyed by model key: `[models."qwen/qwen3-4b"]`.
     pub models: BTreeMap<String, ModelConfig>,
@@ -151,6 +148,17 @@ pub struct ModelConfig {
     pub flash_attention: Option<bool>,
     pub num_experts: Option<u32>,
     pub offload_kv_cache_to_gpu: Option<bool>,
+}
+
+impl ModelConfig {
+    /// Does it set anything sent with a load (beyond the model's key)?
+    pub fn has_load_settings(&self) -> bool {
+        self.context_length.is_some()
+            || self.eval_batch_size.is_some()
+            || self.flash_attention.is_some()
+            || self.num_experts.is_some()
+            || self.offload_kv_cache_to_gpu.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -333,11 +341,76 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Clone, Deserialize, Serialize)]
+/// `[backend]`: which engine lmsd drives.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LmStudioConfig {
+pub struct BackendConfig {
+    pub kind: EngineKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// LM Studio's REST API v1, set in `[lmstudio]`.
+    #[default]
+    Lmstudio,
+    /// llama.cpp's `llama-server` in router mode, set in `[llama_server]`.
+    LlamaServer,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Lmstudio => "lmstudio",
+            EngineKind::LlamaServer => "llama-server",
+        }
+    }
+}
+
+/// What differs between the engines' connection sections: their defaults and names.
+pub trait EngineSection: Clone {
+    /// The TOML section, for messages.
+    const SECTION: &'static str;
+    const DEFAULT_URL: &'static str;
+    /// Environment variable that overrides the API token.
+    const TOKEN_ENV: &'static str;
+    /// Sent when no token is set.
+    const DEFAULT_TOKEN: Option<&'static str>;
+}
+
+#[derive(Debug, Clone)]
+pub struct LmStudioSection;
+
+impl EngineSection for LmStudioSection {
+    const SECTION: &'static str = "lmstudio";
+    const DEFAULT_URL: &'static str = "http://127.0.0.1:1234";
+    const TOKEN_ENV: &'static str = "LMSD_LMSTUDIO_TOKEN";
+    /// LM Studio accepts any token when auth is off; this is what its own tools send.
+    const DEFAULT_TOKEN: Option<&'static str> = Some("lmstudio");
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaServerSection;
+
+impl EngineSection for LlamaServerSection {
+    const SECTION: &'static str = "llama_server";
+    const DEFAULT_URL: &'static str = "http://127.0.0.1:8080";
+    const TOKEN_ENV: &'static str = "LMSD_LLAMA_SERVER_TOKEN";
+    /// llama-server checks no key unless started with `--api-key`.
+    const DEFAULT_TOKEN: Option<&'static str> = None;
+}
+
+/// `[lmstudio]`.
+pub type LmStudioConfig = EngineConfig<LmStudioSection>;
+/// `[llama_server]`.
+pub type LlamaServerConfig = EngineConfig<LlamaServerSection>;
+
+/// How lmsd reaches one engine.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default, bound = "")]
+pub struct EngineConfig<S: EngineSection> {
     pub url: String,
-    /// API token; `token_file` and the env variable `LMSD_LMSTUDIO_TOKEN` take precedence.
+    /// API token; `token_file` and the section's environment variable take precedence.
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
     /// How often the model catalogue is re-read.
@@ -351,12 +424,14 @@ pub struct LmStudioConfig {
     /// Limit for loads and chats, which can take minutes on large models.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    #[serde(skip)]
+    section: std::marker::PhantomData<S>,
 }
 
 // The token must never reach a log line or a Debug print.
-impl std::fmt::Debug for LmStudioConfig {
+impl<S: EngineSection> std::fmt::Debug for EngineConfig<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LmStudioConfig")
+        f.debug_struct(S::SECTION)
             .field("url", &self.url)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
@@ -368,17 +443,64 @@ impl std::fmt::Debug for LmStudioConfig {
     }
 }
 
-impl Default for LmStudioConfig {
+impl<S: EngineSection> Default for EngineConfig<S> {
     fn default() -> Self {
-        LmStudioConfig {
-            url: "http://127.0.0.1:1234".into(),
+        EngineConfig {
+            url: S::DEFAULT_URL.into(),
             token: None,
             token_file: None,
             poll_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             control_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
+            section: std::marker::PhantomData,
         }
+    }
+}
+
+impl<S: EngineSection> EngineConfig<S> {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let section = S::SECTION;
+        let url = reqwest::Url::parse(&self.url).map_err(|e| {
+            ConfigError::Invalid(format!("[{section}] url {:?} is not a URL: {e}", self.url))
+        })?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(ConfigError::Invalid(format!(
+                "[{section}] url {:?} must start with http:// or https://",
+                self.url
+            )));
+        }
+        for (name, value) in [
+            ("poll_interval", self.poll_interval),
+            ("connect_timeout", self.connect_timeout),
+            ("control_timeout", self.control_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "[{section}] {name} must be more than 0"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The API token: the section's environment variable, else `token_file`, else `token`, else
+    /// the engine's default (none for llama-server).
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        if let Ok(token) = std::env::var(S::TOKEN_ENV) {
+            if !token.is_empty() {
+                return Ok(Some(token));
+            }
+        }
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(text.trim().to_owned()));
+        }
+        Ok(self.token.clone().or(S::DEFAULT_TOKEN.map(str::to_owned)))
     }
 }
 
@@ -427,27 +549,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = reqwest::Url::parse(&self.lmstudio.url).map_err(|e| {
-            ConfigError::Invalid(format!(
-                "[lmstudio] url {:?} is not a URL: {e}",
-                self.lmstudio.url
-            ))
-        })?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(ConfigError::Invalid(format!(
-                "[lmstudio] url {:?} must start with http:// or https://",
-                self.lmstudio.url
-            )));
-        }
-        for (name, value) in [
-            ("poll_interval", self.lmstudio.poll_interval),
-            ("connect_timeout", self.lmstudio.connect_timeout),
-            ("control_timeout", self.lmstudio.control_timeout),
-            ("request_timeout", self.lmstudio.request_timeout),
-        ] {
-            if value.is_zero() {
+        self.lmstudio.validate()?;
+        self.llama_server.validate()?;
+        if self.backend.kind == EngineKind::LlamaServer {
+            // llama-server's router takes load settings from its preset file, not from a load.
+            if let Some((key, _)) = self.models.iter().find(|(_, m)| m.has_load_settings()) {
                 return Err(ConfigError::Invalid(format!(
-                    "[lmstudio] {name} must be more than 0"
+                    "[models.{key:?}] has load settings, which llama-server does not take on a load: set them in its --models-preset file (for example `c = 8192`)"
                 )));
             }
         }
@@ -495,8 +603,10 @@ impl Config {
     /// The config as `--check-config` prints it: TOML, with the token hidden.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
-        if shown.lmstudio.token.is_some() {
-            shown.lmstudio.token = Some("<redacted>".into());
+        for token in [&mut shown.lmstudio.token, &mut shown.llama_server.token] {
+            if token.is_some() {
+                *token = Some("<redacted>".into());
+            }
         }
         for key in &mut shown.http.api_keys {
             *key = "<redacted>".into();
@@ -525,25 +635,12 @@ impl Config {
             .unwrap_or_else(lmsd_proto::paths::default_socket_path)
     }
 
-    /// The API token: env `LMSD_LMSTUDIO_TOKEN`, else `token_file`, else `token`, else `lmstudio`.
-    pub fn lmstudio_token(&self) -> Result<String, ConfigError> {
-        if let Ok(token) = std::env::var(TOKEN_ENV) {
-            if !token.is_empty() {
-                return Ok(token);
-            }
+    /// How often the active engine's catalogue is re-read.
+    pub fn poll_interval(&self) -> Duration {
+        match self.backend.kind {
+            EngineKind::Lmstudio => self.lmstudio.poll_interval,
+            EngineKind::LlamaServer => self.llama_server.poll_interval,
         }
-        if let Some(path) = &self.lmstudio.token_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
-                path: path.clone(),
-                source,
-            })?;
-            return Ok(text.trim().to_owned());
-        }
-        Ok(self
-            .lmstudio
-            .token
-            .clone()
-            .unwrap_or_else(|| DEFAULT_TOKEN.to_owned()))
     }
 }
 
@@ -639,6 +736,35 @@ mod tests {
             example.to_redacted_toml(),
             Config::default().to_redacted_toml()
         );
+    }
+
+    #[test]
+    fn llama_server_is_chosen_with_its_own_section_and_defaults() {
+        let config = Config::parse(
+            "[backend]\nkind = \"llama-server\"\n\n[llama_server]\npoll_interval = \"1s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.backend.kind, EngineKind::LlamaServer);
+        assert_eq!(config.llama_server.url, "http://127.0.0.1:8080");
+        assert_eq!(config.poll_interval(), Duration::from_secs(1));
+        assert_eq!(config.llama_server.token().unwrap(), None);
+        assert_eq!(
+            config.lmstudio.token().unwrap().as_deref(),
+            Some("lmstudio")
+        );
+
+        let err = Config::parse("[backend]\nkind = \"ollama\"\n").unwrap_err();
+        assert!(err.to_string().contains("llama-server"), "{err}");
+        let err = Config::parse("[llama_server]\nurl = \"localhost:8080\"\n").unwrap_err();
+        assert!(err.to_string().contains("[llama_server] url"), "{err}");
+        // Load settings belong in llama-server's preset file; lmsd says so instead of ignoring them.
+        let err = Config::parse(
+            "[backend]\nkind = \"llama-server\"\n[models.\"tiny\"]\ncontext_length = 4096\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--models-preset"), "{err}");
+        Config::parse("[backend]\nkind = \"llama-server\"\n[models.\"tiny\"]\npinned = true\n")
+            .expect("pins are fine");
     }
 
     #[test]

@@ -4,10 +4,10 @@
 //!
 //! [`run`] is the whole daemon; `main.rs` only parses arguments, sets up logging and signals.
 
+pub mod backend;
 pub mod config;
 pub mod http;
 pub mod ledger;
-pub mod lmstudio;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
@@ -32,7 +32,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Backend(#[from] lmstudio::BackendError),
+    Backend(#[from] backend::BackendError),
     #[error(transparent)]
     Bind(#[from] server::BindError),
     #[error("cannot serve the HTTP front door on {addr}: {source}")]
@@ -42,12 +42,12 @@ pub enum StartError {
     },
 }
 
-/// Where replies come from: a real LM Studio or the embedded simulator.
+/// Where replies come from: a real engine or the embedded LM Studio simulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    LmStudio,
+pub enum ReplySource {
+    Engine,
     /// `lmsd --simulate`: status says so, so nobody mistakes fake replies for real ones.
-    Simulated,
+    Simulator,
 }
 
 /// Everything `run` needs from `main`.
@@ -55,7 +55,7 @@ pub struct Startup {
     pub config: Config,
     /// Re-read on reload.
     pub source: service::ConfigSource,
-    pub backend: BackendKind,
+    pub replies: ReplySource,
     pub log_level: Option<logging::LevelSetter>,
 }
 
@@ -64,7 +64,7 @@ impl std::fmt::Debug for Startup {
         f.debug_struct("Startup")
             .field("config", &self.config)
             .field("source", &self.source)
-            .field("backend", &self.backend)
+            .field("replies", &self.replies)
             .finish_non_exhaustive()
     }
 }
@@ -80,16 +80,15 @@ pub async fn run(
     let Startup {
         config,
         source,
-        backend,
+        replies,
         log_level,
     } = startup;
-    let token = config.lmstudio_token()?;
-    let lmstudio = lmstudio::LmStudio::new(&config.lmstudio, token)?;
+    let backend = backend::Backend::from_config(&config)?;
     let settings = pool::PoolSettings::from_config(&config)?;
     // Pins that cannot fit together are a config error now, not a surprise later. Without an
-    // answer from LM Studio the sizes are unknown; the pool then warns when it cannot load one.
+    // answer from the engine the sizes are unknown; the pool then warns when it cannot load one.
     if settings.models.values().any(|m| m.pinned) {
-        if let Ok(models) = lmstudio.models().await {
+        if let Ok(models) = backend.models().await {
             settings.check_pins(&models)?;
         }
     }
@@ -109,7 +108,7 @@ pub async fn run(
         events: tokio::sync::broadcast::Sender::new(1024),
     };
     let (pool, pool_task) = pool::spawn(
-        lmstudio.clone(),
+        backend.clone(),
         settings.clone(),
         observers.clone(),
         pool_shutdown.clone(),
@@ -127,7 +126,7 @@ pub async fn run(
     let ledger_stop = CancellationToken::new();
     let ledger_flusher = tokio::spawn(ledger.clone().run_flusher(ledger_stop.clone()));
     let ctx = tasks::Context {
-        lmstudio,
+        backend: backend.clone(),
         pool: pool.clone(),
         config: reloader.subscribe(),
         registry: Arc::new(tasks::registry::Registry::default()),
@@ -139,7 +138,7 @@ pub async fn run(
         reloader: reloader.clone(),
         stopping: shutdown.clone(),
         started: Instant::now(),
-        simulated: backend == BackendKind::Simulated,
+        simulated: replies == ReplySource::Simulator,
     };
     let side_tasks = tokio_util::task::TaskTracker::new();
     side_tasks.spawn({
@@ -174,7 +173,8 @@ pub async fn run(
     });
     tracing::info!(
         socket = %socket.display(),
-        lmstudio = %config.lmstudio.url,
+        engine = backend.kind().name(),
+        url = backend.url(),
         budget_bytes = settings.budget_bytes,
         "lmsd ready"
     );

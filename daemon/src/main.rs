@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use futures_util::StreamExt;
 use lmsd::service::ConfigSource;
-use lmsd::{BackendKind, Config, Startup};
+use lmsd::{Config, ReplySource, Startup};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -96,15 +96,16 @@ fn main() -> ExitCode {
         };
         let signal_task = tokio::spawn(handle_signals(signals, shutdown.clone(), reload));
         let mut config = config;
-        let mut backend = BackendKind::LmStudio;
+        let mut backend = ReplySource::Engine;
         let _simulator = if args.simulate {
             let sim_config = lmstudio_sim::SimConfig::default();
             match lmstudio_sim::Simulator::start(sim_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await {
                 Ok(sim) => {
                     config.lmstudio.url = sim.url();
+                    config.backend.kind = lmsd::config::EngineKind::Lmstudio;
                     // Reloads keep pointing at the simulator.
                     source.lmstudio_url = Some(sim.url());
-                    backend = BackendKind::Simulated;
+                    backend = ReplySource::Simulator;
                     tracing::warn!(url = %sim.url(), "SIMULATION: lmsd is using its built-in LM Studio simulator; replies are fake");
                     Some(sim)
                 }
@@ -119,7 +120,7 @@ fn main() -> ExitCode {
         let startup = Startup {
             config,
             source,
-            backend,
+            replies: backend,
                         log_level: Some(level_setter),
         };
         let result = lmsd::run(startup, shutdown, reloads).await;

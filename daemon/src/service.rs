@@ -30,6 +30,7 @@ impl ConfigSource {
             config.server.socket = Some(socket.clone());
         }
         if let Some(url) = &self.lmstudio_url {
+            config.backend.kind = crate::config::EngineKind::Lmstudio;
             config.lmstudio.url = url.clone();
         }
         config.validate()?;
@@ -38,7 +39,7 @@ impl ConfigSource {
 }
 
 /// Settings a reload applies live; every other change waits for a restart.
-const LIVE: [&str; 7] = [
+const LIVE: [&str; 8] = [
     "pool.",
     "models",
     "tasks.",
@@ -46,6 +47,7 @@ const LIVE: [&str; 7] = [
     "savings.",
     "log.level",
     "lmstudio.poll_interval",
+    "llama_server.poll_interval",
 ];
 
 /// Flattens a config into `section.key` → value, to name what changed.
@@ -156,6 +158,7 @@ impl Reloader {
         running.savings = new.savings;
         running.log.level = new.log.level;
         running.lmstudio.poll_interval = new.lmstudio.poll_interval;
+        running.llama_server.poll_interval = new.llama_server.poll_interval;
         self.published
             .send_replace(std::sync::Arc::new(running.clone()));
         tracing::info!(?applied, ?needs_restart, "config reloaded");
@@ -172,14 +175,20 @@ pub fn warn_if_token_exposed(path: Option<&Path>, config: &Config) {
     use std::os::unix::fs::PermissionsExt;
     let readable_by_others =
         |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o044 != 0);
-    if let (Some(path), Some(_)) = (path, &config.lmstudio.token) {
-        if readable_by_others(path) {
-            tracing::warn!(file = %path.display(), "the config file holds the LM Studio token and others can read it: chmod 600 it");
+    let sections = [
+        (&config.lmstudio.token, &config.lmstudio.token_file),
+        (&config.llama_server.token, &config.llama_server.token_file),
+    ];
+    for (token, token_file) in sections {
+        if let (Some(path), Some(_)) = (path, token) {
+            if readable_by_others(path) {
+                tracing::warn!(file = %path.display(), "the config file holds an API token and others can read it: chmod 600 it");
+            }
         }
-    }
-    if let Some(token_file) = &config.lmstudio.token_file {
-        if readable_by_others(token_file) {
-            tracing::warn!(file = %token_file.display(), "the token file can be read by others: chmod 600 it");
+        if let Some(token_file) = token_file {
+            if readable_by_others(token_file) {
+                tracing::warn!(file = %token_file.display(), "the token file can be read by others: chmod 600 it");
+            }
         }
     }
 }

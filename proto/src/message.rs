@@ -464,6 +464,9 @@ pub struct DaemonInfo {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
+    /// The engine lmsd drives: `lmstudio` or `llama-server` (`[backend] kind`).
+    #[serde(default = "BackendStatus::default_engine")]
+    pub engine: String,
     pub url: String,
     pub reachable: bool,
     /// True when lmsd runs against its embedded simulator (`lmsd --simulate`): replies are fake.
@@ -474,6 +477,21 @@ pub struct BackendStatus {
     /// Milliseconds since the catalogue was last read successfully, if ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refreshed_ms_ago: Option<u64>,
+}
+
+impl BackendStatus {
+    /// What an lmsd from before `engine` was reported drives.
+    fn default_engine() -> String {
+        "lmstudio".into()
+    }
+
+    /// The engine's name for people: "LM Studio" or "llama-server".
+    pub fn engine_name(&self) -> &str {
+        match self.engine.as_str() {
+            "lmstudio" => "LM Studio",
+            other => other,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

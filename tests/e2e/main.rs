@@ -5,6 +5,7 @@
 
 mod front_door;
 mod pool;
+mod real_engine;
 mod reliability;
 mod service;
 mod skill;

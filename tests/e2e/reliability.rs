@@ -35,12 +35,14 @@ fn assert_each_answered_once(sent: &[String], replies: &[Value]) -> HashMap<Stri
         .collect()
 }
 
-/// Sends chats on `connections` connections, `each` per connection, and checks the invariant.
-async fn load(
+/// Sends chats (with `extra` request fields) on `connections` connections, `each` per
+/// connection, and checks the invariant.
+pub async fn load(
     socket: &std::path::Path,
     connections: usize,
     each: usize,
     models: &[&str],
+    extra: Value,
     patience: Duration,
 ) -> HashMap<String, Value> {
     let models: Vec<String> = models.iter().map(|m| m.to_string()).collect();
@@ -48,12 +50,13 @@ async fn load(
         .map(|c| {
             let socket = socket.to_owned();
             let models = models.clone();
+            let extra = extra.clone();
             tokio::spawn(async move {
                 let ids: Vec<String> = (0..each).map(|n| format!("c{c}-{n}")).collect();
                 let lines: Vec<String> = ids
                     .iter()
                     .enumerate()
-                    .map(|(n, id)| chat_line(id, &models[(c + n) % models.len()], json!({})))
+                    .map(|(n, id)| chat_line(id, &models[(c + n) % models.len()], extra.clone()))
                     .collect();
                 let replies = converse_within(&socket, &lines, each, patience).await;
                 assert_each_answered_once(&ids, &replies)
@@ -72,7 +75,15 @@ async fn a_hundred_clients_times_twenty_tasks_each_answered_once() {
     let sim = start_sim(SimConfig::zero_delay()).await;
     let config = "[pool]\nmemory_budget = \"6GB\"\nturn_hold = \"100ms\"\n[tasks]\nmax_queue = 4000\nmax_wait = \"1s\"\n";
     let daemon = TestDaemon::start_with(&sim.url(), config, &[]).await;
-    let answers = load(&daemon.socket, 100, 20, &[GRANITE, QWEN, VL], PATIENCE).await;
+    let answers = load(
+        &daemon.socket,
+        100,
+        20,
+        &[GRANITE, QWEN, VL],
+        json!({}),
+        PATIENCE,
+    )
+    .await;
     let failed: Vec<&Value> = answers.values().filter(|r| r["type"] != "result").collect();
     assert!(
         failed.is_empty(),
@@ -126,6 +137,7 @@ async fn full_size_load() {
         1000,
         100,
         &[GRANITE, QWEN, VL],
+        json!({}),
         Duration::from_secs(300),
     )
     .await;

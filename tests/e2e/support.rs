@@ -78,12 +78,26 @@ pub struct TestDaemon {
     pub child: Child,
     pub socket: PathBuf,
     pub dir: TempDir,
+    engine: Engine,
     url: String,
 }
 
-/// The fixture's config: a temp socket and `server_extra` in `[server]`; a fast poll and short
-/// timeouts in `[lmstudio]`; then `extra`.
-fn config_text(socket: &Path, url: &str, server_extra: &str, extra: &str) -> String {
+/// The engine a test daemon drives: its `[backend] kind` and its config section.
+#[derive(Debug, Clone, Copy)]
+pub enum Engine {
+    LmStudio,
+    LlamaServer,
+}
+
+/// The fixture's config: a temp socket and `server_extra` in `[server]`; the engine with a fast
+/// poll and short timeouts in its section; then `extra`.
+fn config_text(
+    socket: &Path,
+    engine: Engine,
+    url: &str,
+    server_extra: &str,
+    extra: &str,
+) -> String {
     // Defaults the test's own text does not set.
     let default = |text: &str, key: &str, value: &str| {
         if text.lines().any(|l| l.trim_start().starts_with(key)) {
@@ -102,7 +116,11 @@ fn config_text(socket: &Path, url: &str, server_extra: &str, extra: &str) -> Str
     .iter()
     .map(|(key, value)| default(extra.split("\n[").next().unwrap_or_default(), key, value))
     .collect();
-    format!("[server]\nsocket = {socket:?}\n{server}{server_extra}\n\n[lmstudio]\nurl = {url:?}\n{lmstudio}{extra}\n")
+    let section = match engine {
+        Engine::LmStudio => "[lmstudio]",
+        Engine::LlamaServer => "[backend]\nkind = \"llama-server\"\n\n[llama_server]",
+    };
+    format!("[server]\nsocket = {socket:?}\n{server}{server_extra}\n\n{section}\nurl = {url:?}\n{lmstudio}{extra}\n")
 }
 
 impl TestDaemon {
@@ -124,11 +142,25 @@ impl TestDaemon {
         extra: &str,
         env: &[(&str, &str)],
     ) -> TestDaemon {
+        Self::start_engine(Engine::LmStudio, url, server_extra, extra, env).await
+    }
+
+    /// As `start_configured`, against `engine` at `url`; `extra` follows the engine's section.
+    pub async fn start_engine(
+        engine: Engine,
+        url: &str,
+        server_extra: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run/lmsd.sock");
         let config = dir.path().join("lmsd.toml");
-        std::fs::write(&config, config_text(&socket, url, server_extra, extra))
-            .expect("write config");
+        std::fs::write(
+            &config,
+            config_text(&socket, engine, url, server_extra, extra),
+        )
+        .expect("write config");
         let child = Command::new(lmsd_bin())
             .arg("--config")
             .arg(&config)
@@ -146,6 +178,7 @@ impl TestDaemon {
             child,
             socket,
             dir,
+            engine,
             url: url.to_owned(),
         };
         daemon.wait_ready().await;
@@ -160,7 +193,7 @@ impl TestDaemon {
     pub fn rewrite_config(&self, server_extra: &str, extra: &str) {
         std::fs::write(
             self.config_path(),
-            config_text(&self.socket, &self.url, server_extra, extra),
+            config_text(&self.socket, self.engine, &self.url, server_extra, extra),
         )
         .expect("rewrite config");
     }

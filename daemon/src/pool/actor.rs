@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Fit, Resident};
 use super::{Command, Lease, PoolError, PoolProgress, PoolSettings, PoolStatus, Reply};
-use crate::lmstudio::{BackendError, LmStudio, LoadBody, LoadReply, Model};
+use crate::backend::{Backend, BackendError, LoadBody, LoadReply, Model};
 
 /// Rounds of unload-then-verify before lmsd gives up on an instance that will not go.
 const UNLOAD_ROUNDS: u32 = 5;
@@ -126,7 +126,7 @@ enum JobResult {
 }
 
 struct Actor {
-    lmstudio: LmStudio,
+    backend: Backend,
     settings: PoolSettings,
     catalogue: Arc<Vec<Model>>,
     reachable: bool,
@@ -165,7 +165,7 @@ struct Actor {
 }
 
 pub(super) async fn run(
-    lmstudio: LmStudio,
+    backend: Backend,
     settings: PoolSettings,
     observers: super::Observers,
     mut commands: mpsc::Receiver<Command>,
@@ -179,7 +179,7 @@ pub(super) async fn run(
         .map(|(key, _)| key.clone())
         .collect();
     let mut actor = Actor {
-        lmstudio,
+        backend,
         settings,
         catalogue: Arc::new(Vec::new()),
         reachable: false,
@@ -471,10 +471,10 @@ impl Actor {
         let seq = self.next_read;
         self.next_read += 1;
         self.reading = true;
-        let lmstudio = self.lmstudio.clone();
+        let backend = self.backend.clone();
         self.jobs.spawn(async move {
             let started = Instant::now();
-            let result = lmstudio.models().await;
+            let result = backend.models().await;
             JobResult::Catalogue {
                 seq,
                 started,
@@ -541,11 +541,11 @@ impl Actor {
                 ttl_override,
             },
         );
-        let lmstudio = self.lmstudio.clone();
+        let backend = self.backend.clone();
         let key = model.key.clone();
         self.jobs.spawn(async move {
             let started = Instant::now();
-            let result = lmstudio.load(&body).await;
+            let result = backend.load(&body).await;
             JobResult::Loaded {
                 model: key,
                 result,
@@ -564,10 +564,10 @@ impl Actor {
         }
         instance.unloading = Some(reason);
         tracing::info!(instance = %id, model = %instance.model, reason, "unloading");
-        let lmstudio = self.lmstudio.clone();
+        let backend = self.backend.clone();
         let id = id.to_owned();
         self.jobs.spawn(async move {
-            let result = unload_verified(&lmstudio, &id).await;
+            let result = unload_verified(&backend, &id).await;
             JobResult::Unloaded { id, result }
         });
     }
@@ -587,9 +587,9 @@ impl Actor {
                     Ok(models) => {
                         if !self.reachable {
                             tracing::info!(
-                                url = self.lmstudio.url(),
+                                url = self.backend.url(),
                                 models = models.len(),
-                                "LM Studio is reachable"
+                                "the engine is reachable"
                             );
                             self.observers.emit(Event::Backend { reachable: true });
                         }
@@ -603,7 +603,7 @@ impl Actor {
                         let changed = self.last_error.as_ref().map(ToString::to_string)
                             != Some(error.to_string());
                         if self.reachable || changed {
-                            tracing::warn!(url = self.lmstudio.url(), %error, "cannot read LM Studio's models; will keep trying");
+                            tracing::warn!(url = self.backend.url(), %error, "cannot read the engine's models; will keep trying");
                         }
                         if self.reachable {
                             self.observers.emit(Event::Backend { reachable: false });
@@ -628,7 +628,7 @@ impl Actor {
                     // LM Studio's memory is not lmsd's budget: if it ran out, make more room
                     // while something can give way, and try again (the waiters still wait).
                     Err(BackendError::OutOfMemory { .. }) if self.evict_one_for_memory(now) => {
-                        tracing::warn!(model = %model, "LM Studio ran out of memory loading; evicting one more instance and retrying");
+                        tracing::warn!(model = %model, "the engine ran out of memory loading; evicting one more instance and retrying");
                     }
                     Err(error) => {
                         tracing::warn!(model = %model, %error, "load failed");
@@ -833,12 +833,12 @@ impl Actor {
             keep
         });
         for (id, in_flight) in &vanished {
-            tracing::warn!(instance = %id, in_flight, "instance is gone from LM Studio (unloaded outside lmsd, or LM Studio restarted)");
+            tracing::warn!(instance = %id, in_flight, "instance is gone from the engine (unloaded outside lmsd, or the engine restarted)");
             self.recently_vanished.insert(id.clone(), now);
             self.target_gone(id, 0);
         }
         if before > 0 && vanished.len() == before {
-            tracing::warn!(gone = before, "every instance is gone: LM Studio probably restarted; pinned models will be reloaded");
+            tracing::warn!(gone = before, "every instance is gone: the engine probably restarted; pinned models will be reloaded");
         }
         for model in catalogue.iter() {
             for listed in &model.loaded_instances {
@@ -1170,7 +1170,7 @@ impl Actor {
                 .last_error
                 .clone()
                 .unwrap_or(BackendError::Unreachable {
-                    url: self.lmstudio.url().to_owned(),
+                    url: self.backend.url().to_owned(),
                     detail: "no answer yet".into(),
                 });
             if let Some(waiter) = self.waiters.remove(index) {
@@ -1577,14 +1577,14 @@ impl Actor {
 
 /// Unloads `id` (an id read from `loaded_instances`), then re-reads the catalogue and repeats
 /// until LM Studio no longer lists it. Returns the rounds it took.
-async fn unload_verified(lmstudio: &LmStudio, id: &str) -> Result<u32, PoolError> {
+async fn unload_verified(backend: &Backend, id: &str) -> Result<u32, PoolError> {
     for round in 1..=UNLOAD_ROUNDS {
-        match lmstudio.unload(id).await {
+        match backend.unload(id).await {
             // Already gone: what we wanted.
             Ok(()) | Err(BackendError::ModelNotFound { .. }) => {}
             Err(error) => return Err(PoolError::Backend(error)),
         }
-        let models = lmstudio.models().await?;
+        let models = backend.models().await?;
         let still_listed = models
             .iter()
             .flat_map(|m| &m.loaded_instances)

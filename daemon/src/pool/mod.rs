@@ -18,8 +18,8 @@ use lmsd_proto::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::{Backend, BackendError, Model};
 use crate::config::{Config, ConfigError, ModelConfig};
-use crate::lmstudio::{BackendError, LmStudio, Model};
 
 /// The pool's settings, resolved from the config.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ impl PoolSettings {
             manage_external: config.pool.manage_external,
             models: config.models.clone(),
             max_wait: config.tasks.max_wait,
-            poll_interval: config.lmstudio.poll_interval,
+            poll_interval: config.poll_interval(),
             turn_hold: config.pool.turn_hold,
             max_queue: config.tasks.max_queue,
             max_instances: config.pool.max_instances,
@@ -99,7 +99,7 @@ impl Observers {
 pub enum PoolError {
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("LM Studio has no model or loaded instance {name:?}; it has: {}", known_text(.known))]
+    #[error("the engine has no model or loaded instance {name:?}; it has: {}", known_text(.known))]
     NotFound { name: String, known: Vec<String> },
     #[error("{model} needs {need_bytes} bytes but the memory budget is {budget_bytes} bytes{}", holders_text(.holders, *.waited))]
     BudgetExceeded {
@@ -109,7 +109,7 @@ pub enum PoolError {
         holders: Vec<String>,
         waited: bool,
     },
-    #[error("LM Studio still lists {remaining:?} after {rounds} rounds of unloading")]
+    #[error("the engine still lists {remaining:?} after {rounds} rounds of unloading")]
     UnloadNotVerified { remaining: Vec<String>, rounds: u32 },
     #[error("{model} is pinned; unpin it first (`lmsd-ctl unpin {model}`)")]
     Pinned { model: String },
@@ -344,12 +344,12 @@ impl PoolHandle {
 
 /// Starts the pool actor; it stops when `shutdown` is cancelled (after the server has drained).
 pub fn spawn(
-    lmstudio: LmStudio,
+    backend: Backend,
     settings: PoolSettings,
     observers: Observers,
     shutdown: CancellationToken,
 ) -> (PoolHandle, tokio::task::JoinHandle<()>) {
     let (commands, inbox) = mpsc::channel(1024);
-    let task = tokio::spawn(actor::run(lmstudio, settings, observers, inbox, shutdown));
+    let task = tokio::spawn(actor::run(backend, settings, observers, inbox, shutdown));
     (PoolHandle { commands }, task)
 }

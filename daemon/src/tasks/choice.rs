@@ -2,7 +2,7 @@
 
 use lmsd_proto::Needs;
 
-use crate::lmstudio::{Model, ModelType};
+use crate::backend::{Model, ModelType};
 
 /// A model to try, and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]

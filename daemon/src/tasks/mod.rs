@@ -20,10 +20,10 @@ use lmsd_proto::{
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::lmstudio::{
-    BackendError, ChatBody, ChatReply, LmStudio, Model, ModelType, StreamEvent, TextSource,
+use crate::backend::{
+    Backend, BackendError, ChatBody, ChatReply, Model, ModelType, StreamEvent, TextSource,
 };
+use crate::config::Config;
 use crate::pool::{AcquireRequest, Lease, PoolError, PoolHandle, PoolProgress};
 use choice::{Candidate, PoolView};
 use registry::{Registry, TaskHandle};
@@ -36,7 +36,7 @@ pub enum TaskError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("LM Studio answered with neither message nor reasoning text (instance {instance})")]
+    #[error("the engine answered with neither message nor reasoning text (instance {instance})")]
     EmptyReply { instance: String },
     #[error("no model meets the task's needs{0}; `lmsd-ctl models` lists what there is")]
     NoModel(String),
@@ -52,6 +52,7 @@ fn backend_code(error: &BackendError) -> ErrorCode {
             ErrorCode::BackendUnreachable
         }
         BackendError::ModelNotFound { .. } => ErrorCode::ModelNotFound,
+        BackendError::Unsupported { .. } => ErrorCode::BadRequest,
         BackendError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
         BackendError::Unauthorized { .. }
         | BackendError::Api { .. }
@@ -130,7 +131,7 @@ impl EventSink {
 /// What every request handler needs.
 #[derive(Debug, Clone)]
 pub struct Context {
-    pub lmstudio: LmStudio,
+    pub backend: Backend,
     pub pool: PoolHandle,
     pub reloader: Arc<crate::service::Reloader>,
     /// The config in force; reloads publish new ones.
@@ -160,7 +161,8 @@ pub async fn status(ctx: &Context) -> Result<StatusReport, TaskError> {
             uptime_s: ctx.started.elapsed().as_secs(),
         },
         backend: BackendStatus {
-            url: ctx.lmstudio.url().to_owned(),
+            engine: ctx.backend.kind().name().to_owned(),
+            url: ctx.backend.url().to_owned(),
             reachable: pool.reachable,
             simulated: ctx.simulated,
             last_error: pool.last_error.map(|e| e.to_string()),
@@ -558,7 +560,7 @@ impl<'a> Task<'a> {
                     transient_tries += 1;
                     self.ctx.pool.refresh_soon();
                     let pause = backoff(transient_tries);
-                    tracing::warn!(task = %self.handle.id, %error, try_ = transient_tries, pause_ms = millis(pause), "transient LM Studio error; retrying");
+                    tracing::warn!(task = %self.handle.id, %error, try_ = transient_tries, pause_ms = millis(pause), "transient engine error; retrying");
                     tokio::time::sleep(pause).await;
                 }
                 _ => {
@@ -578,7 +580,7 @@ impl<'a> Task<'a> {
         match work {
             Work::Embed(embed) => Ok(Done::Embed(
                 self.ctx
-                    .lmstudio
+                    .backend
                     .embeddings(&lease.instance_id, &embed.input)
                     .await?,
             )),
@@ -600,7 +602,7 @@ impl<'a> Task<'a> {
                 let reply = if chat.stream {
                     let mut first_token = true;
                     self.ctx
-                        .lmstudio
+                        .backend
                         .chat_stream(&body, |event| {
                             if first_token && matches!(event, StreamEvent::Message(_)) {
                                 first_token = false;
@@ -623,7 +625,7 @@ impl<'a> Task<'a> {
                         })
                         .await?
                 } else {
-                    self.ctx.lmstudio.chat(&body).await?
+                    self.ctx.backend.chat(&body).await?
                 };
                 if reply.text().is_none() {
                     return Err(TaskError::EmptyReply {

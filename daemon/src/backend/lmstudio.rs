@@ -1,16 +1,11 @@
-//! LM Studio's REST API v1: typed requests and replies, timeouts, and error classification.
-//!
-//! Every reply is checked for both its HTTP status and an `error` key in its body, because LM
-//! Studio answers some errors with 200 and some with an HTML 500.
-
-use std::time::Duration;
+//! LM Studio's REST API v1: typed requests and replies. These types are also the vocabulary
+//! the pool and tasks speak with every engine (see the module above).
 
 use futures_util::StreamExt;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::LmStudioConfig;
+use super::{classify_error, decode_reply, BackendError, Http, Limit, Opened};
 
 // ---------------------------------------------------------------------------------------------
 // Wire types. Lenient on input (optional fields default), exact on output (LM Studio's load body
@@ -232,259 +227,52 @@ pub enum StreamEvent {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Errors
-
-/// A failed call to LM Studio, classified for retry and for the wire.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BackendError {
-    #[error("LM Studio at {url} is unreachable: {detail}")]
-    Unreachable { url: String, detail: String },
-    #[error("LM Studio did not answer within {}", humantime::format_duration(*after))]
-    Timeout { after: Duration },
-    #[error("LM Studio rejected the API token: {message} (set [lmstudio] token or token_file, or LMSD_LMSTUDIO_TOKEN)")]
-    Unauthorized { message: String },
-    #[error("LM Studio does not know the model: {message}")]
-    ModelNotFound { message: String },
-    #[error("LM Studio could not load the model for lack of memory: {message}")]
-    OutOfMemory { message: String },
-    #[error("LM Studio answered HTTP {status}: {message}")]
-    Api {
-        status: u16,
-        kind: Option<String>,
-        message: String,
-    },
-    #[error("LM Studio sent an unreadable reply (HTTP {status}): {detail}")]
-    Malformed { status: u16, detail: String },
-}
-
-impl BackendError {
-    /// Worth retrying after a pause: the server may answer next time.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            BackendError::Unreachable { .. }
-            | BackendError::Timeout { .. }
-            | BackendError::Malformed { .. } => true,
-            BackendError::Api { status, .. } => *status >= 500,
-            BackendError::Unauthorized { .. }
-            | BackendError::ModelNotFound { .. }
-            | BackendError::OutOfMemory { .. } => false,
-        }
-    }
-}
-
-/// Reads LM Studio's error body: `{"error":{type,message,code?}}` or `{"error":"text"}`.
-fn classify_error(status: u16, error: &Value) -> BackendError {
-    let (kind, code, message) = match error {
-        Value::String(message) => (None, None, message.clone()),
-        Value::Object(fields) => {
-            let text = |key: &str| fields.get(key).and_then(Value::as_str).map(str::to_owned);
-            (
-                text("type"),
-                text("code"),
-                text("message").unwrap_or_else(|| error.to_string()),
-            )
-        }
-        other => (None, None, other.to_string()),
-    };
-    let lower = message.to_lowercase();
-    if lower.contains("insufficient system resources")
-        || lower.contains("out of memory")
-        || lower.contains("not enough memory")
-    {
-        BackendError::OutOfMemory { message }
-    } else if status == 401 || code.as_deref() == Some("invalid_api_key") {
-        BackendError::Unauthorized { message }
-    } else if status == 404
-        || kind.as_deref() == Some("model_not_found")
-        || code.as_deref() == Some("model_not_found")
-    {
-        BackendError::ModelNotFound { message }
-    } else {
-        BackendError::Api {
-            status,
-            kind,
-            message,
-        }
-    }
-}
-
-/// Checks status and body, and decodes the body as `T`.
-fn decode_reply<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, BackendError> {
-    let value: Value = match serde_json::from_slice(body) {
-        Ok(value) => value,
-        Err(e) => {
-            let looks_html = body.trim_ascii_start().starts_with(b"<");
-            let detail = if looks_html {
-                "an HTML page instead of JSON".to_owned()
-            } else {
-                format!("invalid JSON: {e}")
-            };
-            return Err(match status {
-                401 => BackendError::Unauthorized { message: detail },
-                404 => BackendError::ModelNotFound { message: detail },
-                _ => BackendError::Malformed { status, detail },
-            });
-        }
-    };
-    if let Some(error) = value.get("error") {
-        return Err(classify_error(status, error));
-    }
-    if !(200..300).contains(&status) {
-        return Err(classify_error(
-            status,
-            &Value::String(format!("HTTP {status} without an error body")),
-        ));
-    }
-    serde_json::from_value(value).map_err(|e| BackendError::Malformed {
-        status,
-        detail: format!("unexpected shape: {e}"),
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
 // Client
 
 /// A cheap-to-clone client for one LM Studio server.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct LmStudio {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-    control_timeout: Duration,
-    request_timeout: Duration,
-}
-
-impl std::fmt::Debug for LmStudio {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LmStudio")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
-    }
+    http: Http,
 }
 
 impl LmStudio {
-    pub fn new(config: &LmStudioConfig, token: String) -> Result<Self, BackendError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| BackendError::Unreachable {
-                url: config.url.clone(),
-                detail: format!("cannot build an HTTP client: {e}"),
-            })?;
-        Ok(LmStudio {
-            http,
-            base: config.url.trim_end_matches('/').to_owned(),
-            token,
-            control_timeout: config.control_timeout,
-            request_timeout: config.request_timeout,
-        })
+    pub fn new(http: Http) -> Self {
+        LmStudio { http }
     }
 
     pub fn url(&self) -> &str {
-        &self.base
+        self.http.base()
     }
 
-    fn transport_error(&self, error: &reqwest::Error, timeout: Duration) -> BackendError {
-        if error.is_timeout() {
-            return BackendError::Timeout { after: timeout };
-        }
-        // The innermost cause says what happened ("Connection refused"), not reqwest's wrapper.
-        let mut detail = error.to_string();
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            detail = cause.to_string();
-            source = cause.source();
-        }
-        BackendError::Unreachable {
-            url: self.base.clone(),
-            detail,
-        }
-    }
-
-    async fn send<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-        timeout: Duration,
-    ) -> Result<T, BackendError> {
-        let response = request
-            .bearer_auth(&self.token)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e, timeout))?;
-        let status = response.status().as_u16();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e, timeout))?;
-        decode_reply(status, &body)
+    pub fn http(&self) -> &Http {
+        &self.http
     }
 
     pub async fn models(&self) -> Result<Vec<Model>, BackendError> {
-        let request = self.http.get(format!("{}/api/v1/models", self.base));
-        let reply: ModelsReply = self.send(request, self.control_timeout).await?;
+        let reply: ModelsReply = self.http.get("/api/v1/models").await?;
         Ok(reply.models)
     }
 
     pub async fn load(&self, body: &LoadBody) -> Result<LoadReply, BackendError> {
-        let request = self
-            .http
-            .post(format!("{}/api/v1/models/load", self.base))
-            .json(body);
-        self.send(request, self.request_timeout).await
+        self.http
+            .post("/api/v1/models/load", body, Limit::Request)
+            .await
     }
 
     /// Unloads one instance. `instance_id` must come from `loaded_instances[].id`.
     pub async fn unload(&self, instance_id: &str) -> Result<(), BackendError> {
         #[derive(Deserialize)]
         struct UnloadReply {}
-        let request = self
+        let body = serde_json::json!({ "instance_id": instance_id });
+        let _: UnloadReply = self
             .http
-            .post(format!("{}/api/v1/models/unload", self.base))
-            .json(&serde_json::json!({ "instance_id": instance_id }));
-        let _: UnloadReply = self.send(request, self.control_timeout).await?;
+            .post("/api/v1/models/unload", &body, Limit::Control)
+            .await?;
         Ok(())
     }
 
     pub async fn chat(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
-        let request = self
-            .http
-            .post(format!("{}/api/v1/chat", self.base))
-            .json(body);
-        self.send(request, self.request_timeout).await
-    }
-
-    /// Embeds `input` with an embedding model (a key or an instance id), through LM Studio's
-    /// OpenAI-compatible endpoint. Vectors come back in input order.
-    pub async fn embeddings(
-        &self,
-        model: &str,
-        input: &[String],
-    ) -> Result<Vec<Vec<f64>>, BackendError> {
-        #[derive(Deserialize)]
-        struct Item {
-            embedding: Vec<f64>,
-            #[serde(default)]
-            index: usize,
-        }
-        #[derive(Deserialize)]
-        struct EmbeddingsReply {
-            data: Vec<Item>,
-        }
-        let request = self
-            .http
-            .post(format!("{}/v1/embeddings", self.base))
-            .json(&serde_json::json!({ "model": model, "input": input }));
-        let mut reply: EmbeddingsReply = self.send(request, self.request_timeout).await?;
-        if reply.data.len() != input.len() {
-            return Err(BackendError::Malformed {
-                status: 200,
-                detail: format!("{} embeddings for {} inputs", reply.data.len(), input.len()),
-            });
-        }
-        reply.data.sort_by_key(|item| item.index);
-        Ok(reply.data.into_iter().map(|item| item.embedding).collect())
+        self.http.post("/api/v1/chat", body, Limit::Request).await
     }
 
     /// A streamed chat: SSE events go to `on_event` as they come; the result is `chat.end`'s.
@@ -497,40 +285,15 @@ impl LmStudio {
         F: FnMut(StreamEvent) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        use eventsource_stream::Eventsource;
         let mut body = body.clone();
         body.stream = true;
-        let timeout = self.request_timeout;
-        let response = self
-            .http
-            .post(format!("{}/api/v1/chat", self.base))
-            .json(&body)
-            .bearer_auth(&self.token)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e, timeout))?;
-        let status = response.status().as_u16();
-        let is_sse = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if !is_sse {
-            // An error (or a server that ignored `stream`) comes back as a plain JSON body.
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| self.transport_error(&e, timeout))?;
-            return decode_reply(status, &bytes);
-        }
-        let mut events = response.bytes_stream().eventsource();
+        let (status, mut events) = match self.http.post_stream("/api/v1/chat", &body).await? {
+            Opened::Events(status, events) => (status, events),
+            Opened::Body(status, bytes) => return decode_reply(status, &bytes),
+        };
         let mut stream_error = None;
         while let Some(event) = events.next().await {
-            let event = event.map_err(|e| BackendError::Unreachable {
-                url: self.base.clone(),
-                detail: format!("the event stream broke: {e}"),
-            })?;
+            let event = event.map_err(|e| self.http.stream_broke(e))?;
             let data: Value =
                 serde_json::from_str(&event.data).map_err(|e| BackendError::Malformed {
                     status,

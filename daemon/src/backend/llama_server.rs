@@ -1,0 +1,650 @@
+//! llama.cpp's `llama-server` in router mode (`--models-dir`, `--no-models-autoload`): each
+//! loaded model runs as a child process that the router starts and stops on request.
+//!
+//! Translated into the pool's vocabulary:
+//! - a model's one instance has the model's id as its instance id;
+//! - its size is the GGUF file's, raised to the largest resident memory lmsd has seen its child
+//!   process use (a model needs more than its file: KV cache, compute buffers);
+//! - loads and unloads are asynchronous on the router, so lmsd polls `GET /models` until the
+//!   change has happened before it answers;
+//! - the router keeps no conversations, so lmsd does: each reply gets a response id, and a chat
+//!   that continues one sends the whole conversation again. They live in memory, the newest
+//!   [`CONVERSATIONS_MAX`] replies, and end when lmsd stops.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{
+    decode_reply, BackendError, ChatBody, ChatReply, ChatStats, Http, InstanceConfig, Limit,
+    LoadBody, LoadReply, LoadedInstance, Model, ModelType, Opened, OutputItem, StreamEvent,
+};
+
+/// Replies whose conversations lmsd keeps for continuation; older ones are forgotten.
+pub const CONVERSATIONS_MAX: usize = 4096;
+/// How often a load or unload is checked on while the router carries it out.
+const STATE_POLL: Duration = Duration::from_millis(50);
+
+/// A cheap-to-clone client for one router-mode `llama-server`.
+#[derive(Debug, Clone)]
+pub struct LlamaServer {
+    http: Http,
+    conversations: Arc<Mutex<Conversations>>,
+    /// The largest resident memory seen per model, in bytes.
+    resident: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The router's wire types
+
+#[derive(Debug, Deserialize)]
+struct RouterModels {
+    data: Vec<RouterModel>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RouterModel {
+    id: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    status: RouterStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RouterStatus {
+    /// `unloaded`, `loading` or `loaded`.
+    #[serde(default)]
+    value: String,
+    /// The child process's arguments.
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+impl RouterModel {
+    fn is_loaded(&self) -> bool {
+        self.status.value == "loaded"
+    }
+
+    /// The value of the first of `flags` in the child's arguments.
+    fn arg(&self, flags: &[&str]) -> Option<&str> {
+        let args = &self.status.args;
+        args.iter()
+            .position(|a| flags.contains(&a.as_str()))
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+    }
+
+    /// The GGUF file: the listing's path, else the child's `-m`.
+    fn file(&self) -> Option<&str> {
+        self.path
+            .as_deref()
+            .or_else(|| self.arg(&["-m", "--model"]))
+    }
+}
+
+#[derive(Deserialize)]
+struct Success {}
+
+// ---------------------------------------------------------------------------------------------
+// Conversations
+
+/// One exchange of a conversation; earlier ones are reached through `parent`, so a long
+/// conversation costs one turn per reply, not a copy of its history.
+struct Turn {
+    parent: Option<Arc<Turn>>,
+    system: Option<String>,
+    user: String,
+    assistant: String,
+}
+
+/// Conversations by response id, the newest [`CONVERSATIONS_MAX`] kept.
+#[derive(Default)]
+struct Conversations {
+    by_response: HashMap<String, Arc<Turn>>,
+    order: VecDeque<String>,
+    next: u64,
+}
+
+// Conversations are prompts and outputs: never printed.
+impl std::fmt::Debug for Conversations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conversations({} kept)", self.by_response.len())
+    }
+}
+
+impl Conversations {
+    fn get(&self, response_id: &str) -> Result<Arc<Turn>, BackendError> {
+        self.by_response
+            .get(response_id)
+            .cloned()
+            .ok_or_else(|| BackendError::Unsupported {
+                what: format!(
+                    "no conversation has response id {response_id:?}: on llama-server lmsd keeps conversations in memory (the newest {CONVERSATIONS_MAX} replies), and they end when lmsd restarts; start a new session"
+                ),
+            })
+    }
+
+    /// Records a reply and returns its response id.
+    fn record(&mut self, turn: Turn) -> String {
+        self.next += 1;
+        // The process id keeps ids of a restarted lmsd apart from the last one's.
+        let id = format!("lmsd-{}-{}", std::process::id(), self.next);
+        if self.order.len() == CONVERSATIONS_MAX {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_response.remove(&oldest);
+            }
+        }
+        self.order.push_back(id.clone());
+        self.by_response.insert(id.clone(), Arc::new(turn));
+        id
+    }
+}
+
+/// OpenAI chat messages for `turn`'s history followed by the new input.
+fn messages(history: Option<&Arc<Turn>>, body: &ChatBody) -> Vec<Value> {
+    let mut turns = Vec::new();
+    let mut next = history;
+    while let Some(turn) = next {
+        turns.push(turn);
+        next = turn.parent.as_ref();
+    }
+    turns.reverse();
+    // The conversation's first system prompt holds unless this chat sets its own.
+    let system = body
+        .system_prompt
+        .as_deref()
+        .or_else(|| turns.first().and_then(|t| t.system.as_deref()));
+    let mut messages = Vec::with_capacity(2 * turns.len() + 2);
+    if let Some(system) = system {
+        messages.push(json!({ "role": "system", "content": system }));
+    }
+    for turn in turns {
+        messages.push(json!({ "role": "user", "content": turn.user }));
+        messages.push(json!({ "role": "assistant", "content": turn.assistant }));
+    }
+    messages.push(json!({ "role": "user", "content": body.input }));
+    messages
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+impl LlamaServer {
+    pub fn new(http: Http) -> Self {
+        LlamaServer {
+            http,
+            conversations: Arc::default(),
+            resident: Arc::default(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        self.http.base()
+    }
+
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+
+    async fn router_models(&self) -> Result<Vec<RouterModel>, BackendError> {
+        let reply: RouterModels = self.http.get("/models").await?;
+        Ok(reply.data)
+    }
+
+    pub async fn models(&self) -> Result<Vec<Model>, BackendError> {
+        let listed = self.router_models().await?;
+        let mut resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(listed
+            .into_iter()
+            .map(|model| {
+                if model.is_loaded() {
+                    if let Some(rss) = child_resident_bytes(&model.status.args) {
+                        let seen = resident.entry(model.id.clone()).or_default();
+                        *seen = (*seen).max(rss);
+                    }
+                }
+                let file_size = model
+                    .file()
+                    .and_then(|path| std::fs::metadata(path).ok())
+                    .map_or(0, |m| m.len());
+                let size_bytes = file_size.max(resident.get(&model.id).copied().unwrap_or(0));
+                to_model(model, size_bytes)
+            })
+            .collect())
+    }
+
+    /// The router's state of one model, `None` when it lists no such model.
+    async fn state(&self, id: &str) -> Result<Option<RouterModel>, BackendError> {
+        Ok(self.router_models().await?.into_iter().find(|m| m.id == id))
+    }
+
+    pub async fn load(&self, body: &LoadBody) -> Result<LoadReply, BackendError> {
+        if body.context_length.is_some()
+            || body.eval_batch_size.is_some()
+            || body.flash_attention.is_some()
+            || body.num_experts.is_some()
+            || body.offload_kv_cache_to_gpu.is_some()
+        {
+            return Err(BackendError::Unsupported {
+                what: "llama-server does not take load settings on a load: set them in its --models-preset file (for example `c = 8192`)".into(),
+            });
+        }
+        let started = Instant::now();
+        let deadline = started + self.http.timeout(Limit::Request);
+        let _: Success = self
+            .http
+            .post(
+                "/models/load",
+                &json!({ "model": body.model }),
+                Limit::Request,
+            )
+            .await?;
+        loop {
+            match self.state(&body.model).await? {
+                Some(model) if model.is_loaded() => break,
+                Some(model) if model.status.value == "loading" => {}
+                // Back to unloaded without having loaded: the child failed to start.
+                Some(_) | None => {
+                    return Err(BackendError::Api {
+                        status: 500,
+                        kind: None,
+                        message: format!(
+                            "llama-server could not load {:?} (its log says why)",
+                            body.model
+                        ),
+                    })
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(BackendError::Timeout {
+                    after: self.http.timeout(Limit::Request),
+                });
+            }
+            tokio::time::sleep(STATE_POLL).await;
+        }
+        Ok(LoadReply {
+            instance_id: body.model.clone(),
+            load_time_seconds: started.elapsed().as_secs_f64(),
+            load_config: None,
+        })
+    }
+
+    /// Asks the router to stop the model's child and waits until it lists the model unloaded.
+    pub async fn unload(&self, instance_id: &str) -> Result<(), BackendError> {
+        let deadline = Instant::now() + self.http.timeout(Limit::Control);
+        let _: Success = self
+            .http
+            .post(
+                "/models/unload",
+                &json!({ "model": instance_id }),
+                Limit::Control,
+            )
+            .await?;
+        loop {
+            match self.state(instance_id).await? {
+                Some(model) if model.is_loaded() || model.status.value == "loading" => {}
+                _ => return Ok(()),
+            }
+            if Instant::now() >= deadline {
+                // The pool re-reads the catalogue and says the unload did not take.
+                return Ok(());
+            }
+            tokio::time::sleep(STATE_POLL).await;
+        }
+    }
+
+    /// The OpenAI request for `body`, and the conversation it continues.
+    fn completion_request(
+        &self,
+        body: &ChatBody,
+        stream: bool,
+    ) -> Result<(Value, Option<Arc<Turn>>), BackendError> {
+        let history = match &body.previous_response_id {
+            Some(id) => Some(self.lock_conversations().get(id)?),
+            None => None,
+        };
+        let mut request = json!({
+            "model": body.model,
+            "messages": messages(history.as_ref(), body),
+            "stream": stream,
+        });
+        if let Some(temperature) = body.temperature {
+            request["temperature"] = json!(temperature);
+        }
+        if let Some(max_tokens) = body.max_output_tokens {
+            request["max_tokens"] = json!(max_tokens);
+        }
+        if stream {
+            request["stream_options"] = json!({ "include_usage": true });
+        }
+        Ok((request, history))
+    }
+
+    fn lock_conversations(&self) -> std::sync::MutexGuard<'_, Conversations> {
+        self.conversations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The reply in the pool's vocabulary, its conversation recorded for continuation.
+    fn finish(
+        &self,
+        body: &ChatBody,
+        history: Option<Arc<Turn>>,
+        message: String,
+        reasoning: String,
+        usage: Usage,
+    ) -> ChatReply {
+        let system = match &history {
+            Some(_) => None,
+            None => body.system_prompt.clone(),
+        };
+        let response_id = self.lock_conversations().record(Turn {
+            parent: history,
+            system,
+            user: body.input.clone(),
+            assistant: message.clone(),
+        });
+        let mut output = Vec::with_capacity(2);
+        if !reasoning.is_empty() {
+            output.push(OutputItem::Reasoning { content: reasoning });
+        }
+        output.push(OutputItem::Message { content: message });
+        ChatReply {
+            model_instance_id: body.model.clone(),
+            output,
+            stats: ChatStats {
+                input_tokens: usage.prompt_tokens,
+                total_output_tokens: usage.completion_tokens,
+                ..ChatStats::default()
+            },
+            response_id: Some(response_id),
+        }
+    }
+
+    pub async fn chat(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
+        let (request, history) = self.completion_request(body, false)?;
+        let reply: Completion = self
+            .http
+            .post("/v1/chat/completions", &request, Limit::Request)
+            .await?;
+        let message = reply.choices.into_iter().next().map(|c| c.message);
+        let (content, reasoning) = message
+            .map(|m| {
+                (
+                    m.content.unwrap_or_default(),
+                    m.reasoning_content.unwrap_or_default(),
+                )
+            })
+            .unwrap_or_default();
+        Ok(self.finish(body, history, content, reasoning, reply.usage))
+    }
+
+    /// A streamed chat: OpenAI's `data:` chunks, ended by `[DONE]`.
+    pub async fn chat_stream<F, Fut>(
+        &self,
+        body: &ChatBody,
+        mut on_event: F,
+    ) -> Result<ChatReply, BackendError>
+    where
+        F: FnMut(StreamEvent) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (request, history) = self.completion_request(body, true)?;
+        let (status, mut events) = match self
+            .http
+            .post_stream("/v1/chat/completions", &request)
+            .await?
+        {
+            Opened::Events(status, events) => (status, events),
+            Opened::Body(status, bytes) => {
+                let reply: Completion = decode_reply(status, &bytes)?;
+                let message = reply.choices.into_iter().next().map(|c| c.message);
+                let content = message.and_then(|m| m.content).unwrap_or_default();
+                return Ok(self.finish(body, history, content, String::new(), reply.usage));
+            }
+        };
+        let (mut message, mut reasoning, mut usage) = (String::new(), String::new(), None);
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|e| self.http.stream_broke(e))?;
+            if event.data.trim() == "[DONE]" {
+                return Ok(self.finish(
+                    body,
+                    history,
+                    message,
+                    reasoning,
+                    usage.unwrap_or_default(),
+                ));
+            }
+            let chunk: Value = decode_reply(status, event.data.as_bytes())?;
+            let chunk: Chunk =
+                serde_json::from_value(chunk).map_err(|e| BackendError::Malformed {
+                    status,
+                    detail: format!("unexpected stream chunk: {e}"),
+                })?;
+            usage = chunk.usage.or(usage);
+            for choice in chunk.choices {
+                if let Some(text) = choice.delta.reasoning_content.filter(|t| !t.is_empty()) {
+                    reasoning.push_str(&text);
+                    on_event(StreamEvent::Reasoning(text)).await;
+                }
+                if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                    message.push_str(&text);
+                    on_event(StreamEvent::Message(text)).await;
+                }
+            }
+        }
+        Err(BackendError::Malformed {
+            status,
+            detail: "the event stream ended before [DONE]".into(),
+        })
+    }
+}
+
+/// The pool's view of a router model.
+fn to_model(model: RouterModel, size_bytes: u64) -> Model {
+    let loaded_instances = if model.is_loaded() {
+        let number = |flags: &[&str]| model.arg(flags).and_then(|v| v.parse().ok());
+        vec![LoadedInstance {
+            id: model.id.clone(),
+            config: InstanceConfig {
+                context_length: number(&["-c", "--ctx-size"]).unwrap_or(0),
+                parallel: number(&["-np", "--parallel"]),
+            },
+        }]
+    } else {
+        Vec::new()
+    };
+    let kind = if model
+        .status
+        .args
+        .iter()
+        .any(|a| a == "--embedding" || a == "--embeddings")
+    {
+        ModelType::Embedding
+    } else {
+        ModelType::Llm
+    };
+    Model {
+        kind,
+        key: model.id,
+        display_name: None,
+        size_bytes,
+        params_string: None,
+        loaded_instances,
+        max_context_length: None,
+        capabilities: None,
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct Completion {
+    #[serde(default)]
+    choices: Vec<CompletionChoice>,
+    #[serde(default)]
+    usage: Usage,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice {
+    message: CompletionMessage,
+}
+
+#[derive(Deserialize)]
+struct CompletionMessage {
+    content: Option<String>,
+    reasoning_content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: CompletionDelta,
+}
+
+#[derive(Default, Deserialize)]
+struct CompletionDelta {
+    content: Option<String>,
+    reasoning_content: Option<String>,
+}
+
+/// Resident memory of the router's child process that runs with `args`, when this machine's
+/// process table shows it (Linux, same machine).
+fn child_resident_bytes(args: &[String]) -> Option<u64> {
+    if args.is_empty() {
+        return None;
+    }
+    let wanted: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    let page = rustix::param::page_size() as u64;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let dir = entry.path();
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+            continue;
+        };
+        // argv[0] is the program; the rest must be the child's arguments exactly.
+        let argv: Vec<&[u8]> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .collect();
+        if argv.len() > 1 && argv[1..] == wanted[..] {
+            let statm = std::fs::read_to_string(dir.join("statm")).ok()?;
+            let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+            return Some(pages * page);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(input: &str, system: Option<&str>) -> ChatBody {
+        ChatBody {
+            model: "m".into(),
+            input: input.into(),
+            system_prompt: system.map(str::to_owned),
+            temperature: None,
+            max_output_tokens: None,
+            previous_response_id: None,
+            stream: false,
+        }
+    }
+
+    #[test]
+    fn a_continued_conversation_sends_its_whole_history_once() {
+        let mut conversations = Conversations::default();
+        let first = conversations.record(Turn {
+            parent: None,
+            system: Some("be brief".into()),
+            user: "one".into(),
+            assistant: "1".into(),
+        });
+        let second = conversations.record(Turn {
+            parent: Some(conversations.get(&first).unwrap()),
+            system: None,
+            user: "two".into(),
+            assistant: "2".into(),
+        });
+        let history = conversations.get(&second).unwrap();
+        let sent = messages(Some(&history), &chat("three", None));
+        let roles: Vec<(&str, &str)> = sent
+            .iter()
+            .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("system", "be brief"),
+                ("user", "one"),
+                ("assistant", "1"),
+                ("user", "two"),
+                ("assistant", "2"),
+                ("user", "three"),
+            ]
+        );
+        // A branch from the first reply does not see the second exchange.
+        let branch = messages(
+            Some(&conversations.get(&first).unwrap()),
+            &chat("again", None),
+        );
+        assert_eq!(branch.len(), 4);
+    }
+
+    #[test]
+    fn only_the_newest_conversations_are_kept() {
+        let mut conversations = Conversations::default();
+        let turn = || Turn {
+            parent: None,
+            system: None,
+            user: String::new(),
+            assistant: String::new(),
+        };
+        let first = conversations.record(turn());
+        for _ in 0..CONVERSATIONS_MAX {
+            conversations.record(turn());
+        }
+        assert_eq!(conversations.by_response.len(), CONVERSATIONS_MAX);
+        let Err(error) = conversations.get(&first) else {
+            panic!("the oldest conversation was kept");
+        };
+        assert!(error.to_string().contains("start a new session"), "{error}");
+    }
+
+    #[test]
+    fn reads_the_router_listing() {
+        let listing: RouterModels = serde_json::from_str(
+            r#"{"data":[{"id":"tiny-a","status":{"value":"loaded","args":["--port","40001","-m","/models/tiny-a.gguf","-c","1024","-np","4"]}},
+                        {"id":"gemma","status":{"value":"unloaded"}}]}"#,
+        )
+        .unwrap();
+        let mut models = listing.data.into_iter();
+        let tiny = to_model(models.next().unwrap(), 7);
+        assert_eq!(tiny.key, "tiny-a");
+        assert_eq!(tiny.size_bytes, 7);
+        assert_eq!(tiny.loaded_instances[0].id, "tiny-a");
+        assert_eq!(tiny.loaded_instances[0].config.context_length, 1024);
+        assert_eq!(tiny.loaded_instances[0].config.parallel, Some(4));
+        let gemma = to_model(models.next().unwrap(), 0);
+        assert!(gemma.loaded_instances.is_empty());
+        assert_eq!(gemma.kind, ModelType::Llm);
+    }
+}
