@@ -75,12 +75,13 @@ impl Router {
             std::os::unix::fs::symlink(files.models.join(&file), models_dir.join(&file))
                 .expect("link the model");
         }
-        // Gemma 3 270M is a base model without a chat template of its own.
-        std::fs::write(
-            dir.path().join("presets.ini"),
-            format!("version = 1\n\n[*]\nc = 512\nt = 2\n\n[{GEMMA}]\nchat-template = gemma\n"),
-        )
-        .expect("presets");
+        // Gemma 3 270M is a base model without a chat template of its own. (A preset section
+        // alone makes the router list a model, so it is written only when Gemma is served.)
+        let mut presets = String::from("version = 1\n\n[*]\nc = 512\nt = 2\n");
+        if models.contains(&GEMMA) {
+            presets.push_str(&format!("\n[{GEMMA}]\nchat-template = gemma\n"));
+        }
+        std::fs::write(dir.path().join("presets.ini"), presets).expect("presets");
         Some(Router::spawn(files, dir, free_port()).await)
     }
 
@@ -237,6 +238,15 @@ async fn chat_text(daemon: &TestDaemon, model: &str, input: &str) -> String {
     }
 }
 
+/// Chats that finished well, from lmsd's metrics.
+async fn chats_done(daemon: &TestDaemon) -> u64 {
+    let metrics = daemon.ctl(&["metrics"]).await.stdout;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("lmsd_tasks_total{kind=\"chat\",outcome=\"ok\"} "))
+        .map_or(0, |n| n.trim().parse().unwrap_or(0))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
     let Some(router) = Router::start(&[TINY_A, TINY_B]).await else {
@@ -354,8 +364,6 @@ async fn sessions_keep_the_conversation_that_llama_server_does_not() {
     let alone = daemon.ctl_json(&args("And then?", false)).await;
     daemon.ctl_json(&args("Once upon a time", true)).await;
     let continued = daemon.ctl_json(&args("And then?", true)).await;
-    // At temperature 0 the same input gives the same output, unless history came with it.
-    assert_ne!(continued["content"], alone["content"]);
     assert!(
         continued["usage"]["input_tokens"].as_u64() > alone["usage"]["input_tokens"].as_u64(),
         "the continued chat sent its history: {continued} vs {alone}"
@@ -368,14 +376,37 @@ async fn sessions_keep_the_conversation_that_llama_server_does_not() {
             TINY_A,
             "hi",
             "--previous-response-id",
-            "lmsd-1-999999",
+            "resp_lmsd_1_999999",
         ])
         .await;
-    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+    assert_eq!(unknown.code, 4, "{}", unknown.stderr);
     assert!(
         unknown.stderr.contains("no conversation has response id"),
         "{}",
         unknown.stderr
+    );
+
+    // Sessions outlive lmsd, its conversations on llama-server do not: the first message after a
+    // restart says so and forgets the session, which the next message starts afresh.
+    drop(daemon);
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let env = [("STATE_DIRECTORY", state_dir)];
+    let first = TestDaemon::start_engine(Engine::LlamaServer, &router.url(), "", "", &env).await;
+    first.ctl_json(&args("Once upon a time", true)).await;
+    first.terminate().await;
+    let second = TestDaemon::start_engine(Engine::LlamaServer, &router.url(), "", "", &env).await;
+    let lost = second.ctl(&args("And then?", true)).await;
+    assert_eq!(lost.code, 4, "{}", lost.stderr);
+    assert!(
+        lost.stderr.contains("session \"s1\" lost its conversation"),
+        "{}",
+        lost.stderr
+    );
+    let fresh = second.ctl_json(&args("And then?", true)).await;
+    assert_eq!(
+        fresh["usage"]["input_tokens"], alone["usage"]["input_tokens"],
+        "a fresh start sends no history"
     );
 }
 
@@ -399,8 +430,9 @@ async fn idle_ttl_unloads_on_the_engine() {
         router.children_of(TINY_A).is_empty()
     })
     .await;
-    let status = daemon.status().await;
-    assert!(status.instances.is_empty(), "{:?}", status.instances);
+    let status = daemon
+        .wait_for_status("lmsd to finish the unload", |s| s.instances.is_empty())
+        .await;
     assert_eq!(status.evictions[0].reason, "idle_ttl");
 }
 
@@ -460,7 +492,10 @@ async fn twenty_concurrent_tasks_on_an_unloaded_model_make_one_load() {
     for task in tasks {
         assert!(!task.await.unwrap().is_empty());
     }
-    let loads = router.log().matches("/models/load").count();
+    let loads = router
+        .log()
+        .matches(&format!("spawning server instance with name={TINY_B} "))
+        .count();
     assert_eq!(
         loads,
         1,
@@ -476,7 +511,7 @@ async fn gemma_answers_a_real_prompt_in_english() {
     let Some(router) = Router::start(&[GEMMA]).await else {
         return;
     };
-    let daemon = daemon_for(&router, "\n[llama_server]\nrequest_timeout = \"60s\"\n").await;
+    let daemon = daemon_for(&router, "request_timeout = \"60s\"\n").await;
     let out = daemon
         .ctl(&[
             "chat",
@@ -528,8 +563,13 @@ async fn the_engine_killed_and_restarted_under_load() {
         )
         .await
     });
-    // Kill the router and its children mid-way, then bring it back on the same port.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once some tasks are done, kill the router and its children, then bring it back on the
+    // same port.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while chats_done(&daemon).await < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "no chat finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (files, dir, port) = router.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let router = Router::spawn(files, dir, port).await;
@@ -543,7 +583,7 @@ async fn the_engine_killed_and_restarted_under_load() {
             "not a typed error: {reply}"
         );
     }
-    assert!(results > 0, "no task succeeded: {answers:?}");
+    assert!(results >= 10, "{results} results");
     // lmsd converges to the restarted engine and serves again.
     daemon
         .wait_for_status("the engine back", |s| s.backend.reachable)

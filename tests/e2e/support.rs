@@ -25,6 +25,7 @@ pub fn lmsd_command(dir: &Path) -> Command {
     let mut command = Command::new(lmsd_bin());
     command
         .env("LOGS_DIRECTORY", dir.join("logs"))
+        .env("STATE_DIRECTORY", dir.join("state"))
         .env_remove("LMSD_SOCKET")
         .env_remove("RUST_LOG")
         .kill_on_drop(true);
@@ -164,6 +165,9 @@ impl TestDaemon {
         let child = Command::new(lmsd_bin())
             .arg("--config")
             .arg(&config)
+            // Sessions, ledger and instance records stay in the test's own directory, unless
+            // the test shares one between daemons.
+            .env("STATE_DIRECTORY", dir.path().join("state"))
             .envs(env.iter().copied())
             .env_remove("LMSD_SOCKET")
             .env_remove("RUST_LOG")

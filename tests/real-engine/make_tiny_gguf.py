@@ -74,8 +74,10 @@ def write_model(path, embd, layers, heads, ff, seed):
     w.add_tensor("token_embd.weight", weights(n_vocab, embd, scale=1.0))
     w.add_tensor("output_norm.weight", np.ones(embd, dtype=np.float32))
     output = weights(n_vocab, embd, scale=1.0)
-    # Zero the control rows so random logits rarely pick them: a reply is then never empty.
-    output[:5] = 0.0
+    # Zero the rows of the control and byte tokens: their logits sit at the median of the random
+    # others, so they are practically never picked. Replies are then never empty (no early
+    # end-of-turn) and are printable ASCII (no stray bytes of broken UTF-8).
+    output[: 5 + 256] = 0.0
     w.add_tensor("output.weight", output)
     for i in range(layers):
         blk = f"blk.{i}."

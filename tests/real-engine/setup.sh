@@ -11,9 +11,16 @@ here="$(cd "$(dirname "$0")" && pwd)"
 
 version=0.3.36                                   # llama-cpp-python, vendors llama.cpp 0c1e570
 cache="${LMSD_REAL_ENGINE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lmsd/real-engine}"
-# The build is native to this CPU: a cache copied to another CPU must not reuse it.
-cpu=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
-engine="$cache/llama-server-$version-$cpu"
+# Not -march=native: on these virtual machines the CPU reports AMX, whose kernels then crash
+# (SIGSEGV in ggml_backend_amx_mul_mat on the first Gemma batch). AVX2 where the CPU has it.
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  cpu=avx2
+  cpu_flags=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+else
+  cpu=generic
+  cpu_flags=()
+fi
+engine="$cache/llama-server-$version-$(uname -m)-$cpu"
 venv="$cache/venv"
 models="$cache/models"
 log() { echo "real-engine: $*" >&2; }
@@ -38,7 +45,7 @@ if [ ! -x "$engine/llama-server" ]; then
   PATH="$venv/bin:$PATH" cmake -S "$src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
-    -DLLAMA_CURL=OFF >"$work/configure.log" 2>&1 || { cat "$work/configure.log" >&2; exit 1; }
+    -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF "${cpu_flags[@]}" >"$work/configure.log" 2>&1 || { cat "$work/configure.log" >&2; exit 1; }
   PATH="$venv/bin:$PATH" cmake --build "$work/build" --target llama-server -j"$(nproc)" >"$work/build.log" 2>&1 \
     || { tail -50 "$work/build.log" >&2; exit 1; }
   mkdir -p "$engine.tmp"

@@ -34,8 +34,8 @@ const STATE_POLL: Duration = Duration::from_millis(50);
 pub struct LlamaServer {
     http: Http,
     conversations: Arc<Mutex<Conversations>>,
-    /// The largest resident memory seen per model, in bytes.
-    resident: Arc<Mutex<HashMap<String, u64>>>,
+    /// Per model, the largest size seen: its file, or its child's resident memory.
+    sizes: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -122,10 +122,8 @@ impl Conversations {
         self.by_response
             .get(response_id)
             .cloned()
-            .ok_or_else(|| BackendError::Unsupported {
-                what: format!(
-                    "no conversation has response id {response_id:?}: on llama-server lmsd keeps conversations in memory (the newest {CONVERSATIONS_MAX} replies), and they end when lmsd restarts; start a new session"
-                ),
+            .ok_or_else(|| BackendError::ConversationLost {
+                response_id: response_id.to_owned(),
             })
     }
 
@@ -133,7 +131,7 @@ impl Conversations {
     fn record(&mut self, turn: Turn) -> String {
         self.next += 1;
         // The process id keeps ids of a restarted lmsd apart from the last one's.
-        let id = format!("lmsd-{}-{}", std::process::id(), self.next);
+        let id = format!("resp_lmsd_{}_{}", std::process::id(), self.next);
         if self.order.len() == CONVERSATIONS_MAX {
             if let Some(oldest) = self.order.pop_front() {
                 self.by_response.remove(&oldest);
@@ -179,7 +177,7 @@ impl LlamaServer {
         LlamaServer {
             http,
             conversations: Arc::default(),
-            resident: Arc::default(),
+            sizes: Arc::default(),
         }
     }
 
@@ -198,21 +196,34 @@ impl LlamaServer {
 
     pub async fn models(&self) -> Result<Vec<Model>, BackendError> {
         let listed = self.router_models().await?;
-        let mut resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
         Ok(listed
             .into_iter()
             .map(|model| {
-                if model.is_loaded() {
-                    if let Some(rss) = child_resident_bytes(&model.status.args) {
-                        let seen = resident.entry(model.id.clone()).or_default();
-                        *seen = (*seen).max(rss);
+                let child = model
+                    .is_loaded()
+                    .then(|| find_child(&model.status.args))
+                    .flatten();
+                // A relative model path is relative to the router's directory, which its
+                // child shares; without a child, only an absolute path can be read.
+                let file = model.file().map(std::path::PathBuf::from).and_then(|file| {
+                    match (&child, file.is_absolute()) {
+                        (_, true) => Some(file),
+                        (Some(child), false) => Some(child.cwd.join(file)),
+                        (None, false) => None,
                     }
+                });
+                let file_size = file
+                    .and_then(|f| std::fs::metadata(f).ok())
+                    .map(|m| m.len());
+                let seen = sizes.entry(model.id.clone()).or_default();
+                for size in [file_size, child.map(|c| c.resident_bytes)]
+                    .into_iter()
+                    .flatten()
+                {
+                    *seen = (*seen).max(size);
                 }
-                let file_size = model
-                    .file()
-                    .and_then(|path| std::fs::metadata(path).ok())
-                    .map_or(0, |m| m.len());
-                let size_bytes = file_size.max(resident.get(&model.id).copied().unwrap_or(0));
+                let size_bytes = *seen;
                 to_model(model, size_bytes)
             })
             .collect())
@@ -526,28 +537,37 @@ struct CompletionDelta {
     reasoning_content: Option<String>,
 }
 
-/// Resident memory of the router's child process that runs with `args`, when this machine's
-/// process table shows it (Linux, same machine).
-fn child_resident_bytes(args: &[String]) -> Option<u64> {
+/// What lmsd can see of a model's child process.
+#[derive(Debug)]
+struct Child {
+    resident_bytes: u64,
+    cwd: std::path::PathBuf,
+}
+
+/// The router's child process that runs with `args` (its whole command line, which the
+/// router reports with a real port once loaded), when this machine's process table shows it:
+/// Linux, same machine, readable.
+fn find_child(args: &[String]) -> Option<Child> {
     if args.is_empty() {
         return None;
     }
     let wanted: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-    let page = rustix::param::page_size() as u64;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let dir = entry.path();
         let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
-        // argv[0] is the program; the rest must be the child's arguments exactly.
         let argv: Vec<&[u8]> = cmdline
             .split(|&b| b == 0)
             .filter(|a| !a.is_empty())
             .collect();
-        if argv.len() > 1 && argv[1..] == wanted[..] {
+        if argv == wanted {
             let statm = std::fs::read_to_string(dir.join("statm")).ok()?;
             let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-            return Some(pages * page);
+            return Some(Child {
+                resident_bytes: pages * rustix::param::page_size() as u64,
+                cwd: std::fs::read_link(dir.join("cwd")).ok()?,
+            });
         }
     }
     None
@@ -626,7 +646,10 @@ mod tests {
         let Err(error) = conversations.get(&first) else {
             panic!("the oldest conversation was kept");
         };
-        assert!(error.to_string().contains("start a new session"), "{error}");
+        assert!(
+            matches!(error, BackendError::ConversationLost { .. }),
+            "{error}"
+        );
     }
 
     #[test]

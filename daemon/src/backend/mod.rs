@@ -145,6 +145,10 @@ pub enum BackendError {
     },
     #[error("the engine sent an unreadable reply (HTTP {status}): {detail}")]
     Malformed { status: u16, detail: String },
+    /// A continuation of a conversation lmsd kept for the engine (llama-server) and no longer
+    /// has: lmsd restarted, or it was among the oldest.
+    #[error("no conversation has response id {response_id:?}: on llama-server lmsd keeps conversations in memory (the newest {}), and they end when lmsd restarts", llama_server::CONVERSATIONS_MAX)]
+    ConversationLost { response_id: String },
     /// A request the engine cannot serve (load settings on llama-server, say).
     #[error("{what}")]
     Unsupported { what: String },
@@ -161,6 +165,7 @@ impl BackendError {
             BackendError::Unauthorized { .. }
             | BackendError::ModelNotFound { .. }
             | BackendError::OutOfMemory { .. }
+            | BackendError::ConversationLost { .. }
             | BackendError::Unsupported { .. } => false,
         }
     }

@@ -44,6 +44,13 @@ pub enum TaskError {
     DeadlineExceeded(u64),
     #[error("the task was cancelled")]
     Cancelled,
+    /// The engine's conversation behind a session is gone (see
+    /// [`BackendError::ConversationLost`]); the session is forgotten so it can start afresh.
+    #[error("session {session:?} lost its conversation ({source}); lmsd has forgotten the session, so the next message starts it afresh")]
+    SessionLost {
+        session: String,
+        source: BackendError,
+    },
 }
 
 fn backend_code(error: &BackendError) -> ErrorCode {
@@ -52,7 +59,9 @@ fn backend_code(error: &BackendError) -> ErrorCode {
             ErrorCode::BackendUnreachable
         }
         BackendError::ModelNotFound { .. } => ErrorCode::ModelNotFound,
-        BackendError::Unsupported { .. } => ErrorCode::BadRequest,
+        BackendError::Unsupported { .. } | BackendError::ConversationLost { .. } => {
+            ErrorCode::BadRequest
+        }
         BackendError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
         BackendError::Unauthorized { .. }
         | BackendError::Api { .. }
@@ -79,6 +88,7 @@ impl TaskError {
                 ErrorCode::DeadlineExceeded
             }
             TaskError::Cancelled => ErrorCode::Cancelled,
+            TaskError::SessionLost { .. } => ErrorCode::BadRequest,
             TaskError::Pool(PoolError::UnloadNotVerified { .. }) | TaskError::EmptyReply { .. } => {
                 ErrorCode::BackendError
             }
@@ -623,10 +633,22 @@ impl<'a> Task<'a> {
                                 StreamEvent::Message(content) => Event::Delta { content },
                             })
                         })
-                        .await?
+                        .await
                 } else {
-                    self.ctx.backend.chat(&body).await?
+                    self.ctx.backend.chat(&body).await
                 };
+                let reply = reply.map_err(|error| match (error, chat.session.as_deref()) {
+                    (source @ BackendError::ConversationLost { .. }, Some(session))
+                        if chat.previous_response_id.is_none() =>
+                    {
+                        self.ctx.sessions.forget(session);
+                        TaskError::SessionLost {
+                            session: session.to_owned(),
+                            source,
+                        }
+                    }
+                    (error, _) => TaskError::Backend(error),
+                })?;
                 if reply.text().is_none() {
                     return Err(TaskError::EmptyReply {
                         instance: reply.model_instance_id,
