@@ -57,14 +57,19 @@ pub struct Daemon {
     _dir: tempfile::TempDir,
 }
 
+/// The config section that points lmsd at the simulator.
+pub fn at_simulator(sim: &Simulator) -> String {
+    format!("[lmstudio]\nurl = {:?}\n", sim.url())
+}
+
 impl Daemon {
-    pub async fn start(sim: &Simulator, extra: &str) -> Result<Daemon, String> {
+    /// Starts lmsd with `engine` (the config of the engine it drives) and `extra` config.
+    pub async fn start(engine: &str, extra: &str) -> Result<Daemon, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let socket = dir.path().join("lmsd.sock");
         let config = dir.path().join("lmsd.toml");
         let text = format!(
-            "[server]\nsocket = {socket:?}\nmax_connections = 4096\n[lmstudio]\nurl = {:?}\n[pool]\nmemory_budget = \"64GiB\"\n[tasks]\nmax_queue = 100000\n[log]\nlevel = \"warn\"\n{extra}",
-            sim.url()
+            "[server]\nsocket = {socket:?}\nmax_connections = 4096\n{engine}[pool]\nmemory_budget = \"64GiB\"\n[tasks]\nmax_queue = 100000\n[log]\nlevel = \"warn\"\n{extra}",
         );
         std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let child = Command::new(binary("lmsd")?)
@@ -126,9 +131,9 @@ fn chat_request() -> Request {
 }
 
 /// One chat through lmsd; a typed error from lmsd fails the measurement.
-async fn chat_through(client: &mut Client) -> Result<(), String> {
+async fn chat_through(client: &mut Client, request: Request) -> Result<(), String> {
     client
-        .call(chat_request(), |_| {})
+        .call(request, |_| {})
         .await
         .map(drop)
         .map_err(|e| e.to_string())
@@ -152,36 +157,48 @@ pub async fn p1(
     daemon: &Daemon,
     samples: usize,
 ) -> Result<DispatchOverhead, String> {
-    let http = reqwest::Client::new();
-    let url = format!("{}/api/v1/chat", sim.url());
+    let direct = reqwest::Client::new()
+        .post(format!("{}/api/v1/chat", sim.url()))
+        .json(&direct_body());
+    dispatch_overhead(direct, chat_request(), daemon, samples).await
+}
+
+/// P1's measurement: the same chat sent straight to the engine (`direct`, on a kept-alive HTTP
+/// client) and through lmsd (`via`), one at a time, `samples` of each, interleaved so that both
+/// paths see the same machine noise.
+pub async fn dispatch_overhead(
+    direct: reqwest::RequestBuilder,
+    via: Request,
+    daemon: &Daemon,
+    samples: usize,
+) -> Result<DispatchOverhead, String> {
+    let send_direct = || async {
+        let request = direct
+            .try_clone()
+            .ok_or("the direct request cannot be repeated")?;
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("the engine answered {}", response.status()));
+        }
+        response.bytes().await.map(drop).map_err(|e| e.to_string())
+    };
     let mut client = Client::connect(&daemon.socket)
         .await
         .map_err(|e| e.to_string())?;
     // Warm both paths: the model loaded, connections open.
-    chat_through(&mut client).await?;
-    http.post(&url)
-        .json(&direct_body())
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut direct = Vec::with_capacity(samples);
-    let mut via = Vec::with_capacity(samples);
-    // Interleaved, so that both paths see the same machine noise.
+    chat_through(&mut client, via.clone()).await?;
+    send_direct().await?;
+    let mut direct_times = Vec::with_capacity(samples);
+    let mut via_times = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
-        let response = http
-            .post(&url)
-            .json(&direct_body())
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        response.bytes().await.map_err(|e| e.to_string())?;
-        direct.push(started.elapsed());
+        send_direct().await?;
+        direct_times.push(started.elapsed());
         let started = Instant::now();
-        chat_through(&mut client).await?;
-        via.push(started.elapsed());
+        chat_through(&mut client, via.clone()).await?;
+        via_times.push(started.elapsed());
     }
-    let (direct, via_lmsd) = (Spread::of(direct), Spread::of(via));
+    let (direct, via_lmsd) = (Spread::of(direct_times), Spread::of(via_times));
     Ok(DispatchOverhead {
         overhead_p50_us: via_lmsd.p50_us - direct.p50_us,
         overhead_p99_us: via_lmsd.p99_us - direct.p99_us,
@@ -208,7 +225,7 @@ pub async fn p6(daemon: &Daemon, port: u16, samples: usize) -> Result<FrontDoor,
     let (mut via_socket, mut via_http) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
     for _ in 0..samples {
         let started = Instant::now();
-        chat_through(&mut client).await?;
+        chat_through(&mut client, chat_request()).await?;
         via_socket.push(started.elapsed());
         let started = Instant::now();
         let response = http
@@ -288,7 +305,7 @@ pub async fn p2(
             let end = Instant::now() + window;
             let mut n = 0;
             while Instant::now() < end {
-                chat_through(&mut client).await?;
+                chat_through(&mut client, chat_request()).await?;
                 n += 1;
             }
             Ok(n)
@@ -336,12 +353,12 @@ pub struct Memory {
 /// P3: daemon RSS idle, then with many clients connected and their tasks queued behind a stalled
 /// model.
 pub async fn p3(sim: &Simulator, connections: usize, tasks_each: usize) -> Result<Memory, String> {
-    let daemon = Daemon::start(sim, "").await?;
+    let daemon = Daemon::start(&at_simulator(sim), "").await?;
     let mib = |kib: Option<u64>| kib.map_or(f64::NAN, |k| k as f64 / 1024.0);
     let mut client = Client::connect(&daemon.socket)
         .await
         .map_err(|e| e.to_string())?;
-    chat_through(&mut client).await?;
+    chat_through(&mut client, chat_request()).await?;
     let idle_rss_mib = mib(daemon.rss_kib());
     sim.inject(
         Route::Chat,
@@ -419,7 +436,7 @@ pub async fn p5(sim: &Simulator, starts: usize, ctl_runs: usize) -> Result<Start
         ready.push(started.elapsed());
         let _ = child.kill().await;
     }
-    let daemon = Daemon::start(sim, "").await?;
+    let daemon = Daemon::start(&at_simulator(sim), "").await?;
     let ctl = binary("lmsd-ctl")?;
     let mut walls = Vec::new();
     for _ in 0..ctl_runs {

@@ -143,6 +143,9 @@ pub struct ModelConfig {
     /// Loaded at start, but may be evicted and expire like any other.
     pub preload: bool,
     pub ttl: Option<Ttl>,
+    /// Memory to count for this model instead of the size the engine reports (LM Studio's
+    /// `size_bytes`; on llama-server the file's, or its child's resident memory).
+    pub size: Option<ByteCount>,
     pub context_length: Option<u32>,
     pub eval_batch_size: Option<u32>,
     pub flash_attention: Option<bool>,

@@ -4,210 +4,26 @@
 //! The engine is required: without it these tests fail and say how to get it, unless
 //! `LMSD_SKIP_REAL_ENGINE=1` is set, when they print that they were skipped.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use lmsd_proto::{ChatRequest, Outcome, Request};
-use serde_json::{json, Value};
-use tempfile::TempDir;
+use lmsd_real_engine::{EngineFiles, Router, GEMMA, TINY_A, TINY_B, TINY_C};
+use serde_json::json;
 
 use crate::reliability::load as load_from_clients;
 use crate::support::*;
 
-const TINY_A: &str = "tiny-a";
-const TINY_B: &str = "tiny-b";
-const TINY_C: &str = "tiny-c";
-const GEMMA: &str = "gemma-3-270m-q4_k_m";
-
-/// Where `setup.sh` put the engine and the models.
-#[derive(Clone)]
-struct EngineFiles {
-    server: PathBuf,
-    models: PathBuf,
-}
-
-fn engine_files() -> Option<EngineFiles> {
-    let dir = std::env::var_os("LMSD_REAL_ENGINE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            Some(cache.join("lmsd/real-engine"))
-        });
-    let files = dir.map(|dir| EngineFiles {
-        server: dir.join("llama-server/llama-server"),
-        models: dir.join("models"),
-    });
-    match files {
-        Some(files) if files.server.exists() && files.models.join("tiny-a.gguf").exists() => {
-            Some(files)
+/// A router serving `models`; `None` when the engine is missing and the tests are skipped.
+async fn router(models: &[&str]) -> Option<Router> {
+    let files = match EngineFiles::locate() {
+        Ok(files) => files,
+        Err(why) if std::env::var_os("LMSD_SKIP_REAL_ENGINE").is_some() => {
+            eprintln!("SKIPPED (LMSD_SKIP_REAL_ENGINE is set): {why}");
+            return None;
         }
-        _ if std::env::var_os("LMSD_SKIP_REAL_ENGINE").is_some() => {
-            eprintln!("SKIPPED: the real engine is not set up and LMSD_SKIP_REAL_ENGINE is set");
-            None
-        }
-        _ => panic!(
-            "the real engine (llama-server and its models) is not set up: run tests/real-engine/setup.sh, or set LMSD_SKIP_REAL_ENGINE=1 to skip the real-engine tests"
-        ),
-    }
-}
-
-/// A router-mode `llama-server` serving some of the models, in its own process group so that
-/// it and its per-model children can be killed together.
-struct Router {
-    child: Child,
-    files: EngineFiles,
-    dir: TempDir,
-    port: u16,
-}
-
-impl Router {
-    /// Starts a router serving `models`; `None` when the real-engine tests are skipped.
-    async fn start(models: &[&str]) -> Option<Router> {
-        let files = engine_files()?;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let models_dir = dir.path().join("models");
-        std::fs::create_dir(&models_dir).expect("models dir");
-        for model in models {
-            let file = format!("{model}.gguf");
-            std::os::unix::fs::symlink(files.models.join(&file), models_dir.join(&file))
-                .expect("link the model");
-        }
-        // Gemma 3 270M is a base model without a chat template of its own. (A preset section
-        // alone makes the router list a model, so it is written only when Gemma is served.)
-        let mut presets = String::from("version = 1\n\n[*]\nc = 512\nt = 2\n");
-        if models.contains(&GEMMA) {
-            presets.push_str(&format!("\n[{GEMMA}]\nchat-template = gemma\n"));
-        }
-        std::fs::write(dir.path().join("presets.ini"), presets).expect("presets");
-        Some(Router::spawn(files, dir, free_port()).await)
-    }
-
-    async fn spawn(files: EngineFiles, dir: TempDir, port: u16) -> Router {
-        use std::os::unix::process::CommandExt;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.path().join("router.log"))
-            .expect("router log");
-        let child = Command::new(&files.server)
-            .arg("--models-dir")
-            .arg(dir.path().join("models"))
-            .arg("--models-preset")
-            .arg(dir.path().join("presets.ini"))
-            .args(["--models-max", "16", "--no-models-autoload"])
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("llama-server starts");
-        let router = Router {
-            child,
-            files,
-            dir,
-            port,
-        };
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while router.try_listing().await.is_none() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "llama-server did not start answering:\n{}",
-                router.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        router
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    async fn try_listing(&self) -> Option<Value> {
-        let reply = reqwest::get(format!("{}/models", self.url())).await.ok()?;
-        reply.json().await.ok()
-    }
-
-    /// The router's own view: model id → status (`loaded`, `unloaded`, …).
-    async fn statuses(&self) -> Vec<(String, String)> {
-        let listing = self.try_listing().await.expect("the router answers");
-        listing["data"]
-            .as_array()
-            .expect("a model list")
-            .iter()
-            .map(|m| {
-                (
-                    m["id"].as_str().unwrap_or_default().to_owned(),
-                    m["status"]["value"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect()
-    }
-
-    async fn loaded(&self) -> Vec<String> {
-        let mut loaded: Vec<String> = self
-            .statuses()
-            .await
-            .into_iter()
-            .filter(|(_, status)| status == "loaded")
-            .map(|(id, _)| id)
-            .collect();
-        loaded.sort();
-        loaded
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("router.log")).unwrap_or_default()
-    }
-
-    /// Processes running `model`'s file from this router's models directory: its children.
-    fn children_of(&self, model: &str) -> Vec<u32> {
-        let file = self.dir.path().join("models").join(format!("{model}.gguf"));
-        processes_mentioning(&file)
-    }
-
-    /// SIGKILL to the router and its children; returns the files and port to restart with.
-    fn kill(mut self) -> (EngineFiles, TempDir, u16) {
-        self.kill_group();
-        let _ = self.child.wait();
-        let files = self.files.clone();
-        let port = self.port;
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        (files, dir, port)
-    }
-
-    fn kill_group(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        self.kill_group();
-        let _ = self.child.wait();
-    }
-}
-
-/// Pids whose command line names `path`.
-fn processes_mentioning(path: &Path) -> Vec<u32> {
-    let wanted = path.as_os_str().as_encoded_bytes();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmdline.split(|&b| b == 0).any(|arg| arg == wanted) {
-            pids.push(pid);
-        }
-    }
-    pids
+        Err(why) => panic!("{why} (or set LMSD_SKIP_REAL_ENGINE=1 to skip these tests)"),
+    };
+    Some(Router::start(&files, models).await.unwrap())
 }
 
 /// lmsd in front of `router`, with `extra` config after `[llama_server]`.
@@ -249,7 +65,7 @@ async fn chats_done(daemon: &TestDaemon) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
-    let Some(router) = Router::start(&[TINY_A, TINY_B]).await else {
+    let Some(router) = router(&[TINY_A, TINY_B]).await else {
         return;
     };
     let daemon = daemon_for(&router, "").await;
@@ -273,7 +89,7 @@ async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
         })
         .collect();
     let file_size = |model: &str| {
-        std::fs::metadata(router.files.models.join(format!("{model}.gguf")))
+        std::fs::metadata(router.files().model_file(model))
             .unwrap()
             .len()
     };
@@ -342,7 +158,7 @@ async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_keep_the_conversation_that_llama_server_does_not() {
-    let Some(router) = Router::start(&[TINY_A]).await else {
+    let Some(router) = router(&[TINY_A]).await else {
         return;
     };
     let daemon = daemon_for(&router, "").await;
@@ -412,7 +228,7 @@ async fn sessions_keep_the_conversation_that_llama_server_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_ttl_unloads_on_the_engine() {
-    let Some(router) = Router::start(&[TINY_A]).await else {
+    let Some(router) = router(&[TINY_A]).await else {
         return;
     };
     let daemon = daemon_for(&router, "\n[pool]\nidle_ttl = \"1s\"\nturn_hold = \"0s\"\n").await;
@@ -438,7 +254,7 @@ async fn idle_ttl_unloads_on_the_engine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_for_two_tiny_models_evicts_for_the_third() {
-    let Some(router) = Router::start(&[TINY_A, TINY_B, TINY_C]).await else {
+    let Some(router) = router(&[TINY_A, TINY_B, TINY_C]).await else {
         return;
     };
     // Each instance counts its real memory (tens of MB for these models) plus 100 MiB: two fit
@@ -472,7 +288,7 @@ async fn a_budget_for_two_tiny_models_evicts_for_the_third() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_tasks_on_an_unloaded_model_make_one_load() {
-    let Some(router) = Router::start(&[TINY_B]).await else {
+    let Some(router) = router(&[TINY_B]).await else {
         return;
     };
     let daemon = daemon_for(&router, "").await;
@@ -492,10 +308,7 @@ async fn twenty_concurrent_tasks_on_an_unloaded_model_make_one_load() {
     for task in tasks {
         assert!(!task.await.unwrap().is_empty());
     }
-    let loads = router
-        .log()
-        .matches(&format!("spawning server instance with name={TINY_B} "))
-        .count();
+    let loads = router.spawns_of(TINY_B);
     assert_eq!(
         loads,
         1,
@@ -508,7 +321,7 @@ async fn twenty_concurrent_tasks_on_an_unloaded_model_make_one_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma_answers_a_real_prompt_in_english() {
-    let Some(router) = Router::start(&[GEMMA]).await else {
+    let Some(router) = router(&[GEMMA]).await else {
         return;
     };
     let daemon = daemon_for(&router, "request_timeout = \"60s\"\n").await;
@@ -546,7 +359,7 @@ async fn gemma_answers_a_real_prompt_in_english() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_killed_and_restarted_under_load() {
-    let Some(router) = Router::start(&[TINY_A, TINY_B]).await else {
+    let Some(router) = router(&[TINY_A, TINY_B]).await else {
         return;
     };
     let daemon = daemon_for(&router, "").await;
@@ -570,9 +383,10 @@ async fn the_engine_killed_and_restarted_under_load() {
         assert!(tokio::time::Instant::now() < deadline, "no chat finished");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (files, dir, port) = router.kill();
+    let stopped = router.kill();
+    // Down for half a second: meanwhile tasks retry, or fail as backend_unreachable.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let router = Router::spawn(files, dir, port).await;
+    let router = stopped.restart().await.unwrap();
 
     let answers = clients.await.unwrap();
     assert_eq!(answers.len(), 80);

@@ -596,7 +596,7 @@ impl Actor {
                         self.reachable = true;
                         self.last_error = None;
                         self.refreshed_at = Some(now);
-                        self.catalogue = Arc::new(models);
+                        self.catalogue = Arc::new(self.settings.with_configured_sizes(models));
                         self.reconcile(started, now);
                     }
                     Err(error) => {

@@ -58,15 +58,31 @@ impl PoolSettings {
         })
     }
 
-    /// Checks that the pinned models fit in the budget together. `models` is LM Studio's
+    /// A model's size: `[models."KEY"] size` if set, else what the engine reports.
+    fn size_of(&self, model: &Model) -> u64 {
+        self.models
+            .get(&model.key)
+            .and_then(|m| m.size)
+            .map_or(model.size_bytes, |size| size.0)
+    }
+
+    /// The engine's catalogue with the configured sizes in place of its own.
+    pub fn with_configured_sizes(&self, mut models: Vec<Model>) -> Vec<Model> {
+        for model in &mut models {
+            model.size_bytes = self.size_of(model);
+        }
+        models
+    }
+
+    /// Checks that the pinned models fit in the budget together. `models` is the engine's
     /// catalogue; pins it does not list are reported and skipped.
     pub fn check_pins(&self, models: &[Model]) -> Result<(), ConfigError> {
         let mut total = 0u64;
         for (key, _) in self.models.iter().filter(|(_, m)| m.pinned) {
             match models.iter().find(|m| &m.key == key) {
-                Some(model) => total += model.size_bytes + self.instance_overhead,
+                Some(model) => total += self.size_of(model) + self.instance_overhead,
                 None => {
-                    tracing::warn!(model = %key, "pinned model is not in LM Studio's catalogue")
+                    tracing::warn!(model = %key, "pinned model is not in the engine's catalogue")
                 }
             }
         }
@@ -352,4 +368,43 @@ pub fn spawn(
     let (commands, inbox) = mpsc::channel(1024);
     let task = tokio::spawn(actor::run(backend, settings, observers, inbox, shutdown));
     (PoolHandle { commands }, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ModelType;
+
+    fn model(key: &str, size_bytes: u64) -> Model {
+        Model {
+            kind: ModelType::Llm,
+            key: key.into(),
+            display_name: None,
+            size_bytes,
+            params_string: None,
+            loaded_instances: Vec::new(),
+            max_context_length: None,
+            capabilities: None,
+        }
+    }
+
+    #[test]
+    fn configured_sizes_replace_the_engines_for_the_budget() {
+        let config = Config::parse(
+            "[pool]\nmemory_budget = \"1GiB\"\n[models.\"big\"]\npinned = true\nsize = \"2GiB\"\n",
+        )
+        .unwrap();
+        let settings = PoolSettings::from_config(&config).unwrap();
+        let models = vec![model("big", 1000), model("small", 2000)];
+        assert!(
+            settings.check_pins(&models).is_err(),
+            "2 GiB counted, 1 GiB budget"
+        );
+        let sized: Vec<u64> = settings
+            .with_configured_sizes(models)
+            .iter()
+            .map(|m| m.size_bytes)
+            .collect();
+        assert_eq!(sized, [2 << 30, 2000]);
+    }
 }
