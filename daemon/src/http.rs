@@ -109,10 +109,11 @@ async fn models(State(front): State<Front>, headers: HeaderMap) -> Response {
     match front.ctx.pool.status().await {
         Ok(status) => {
             let created = unix_now();
+            let engine = front.ctx.backend.kind().name();
             let mut data: Vec<Value> = status
                 .catalogue
                 .iter()
-                .map(|m| json!({"id": m.key, "object": "model", "created": created, "owned_by": "lmstudio"}))
+                .map(|m| json!({"id": m.key, "object": "model", "created": created, "owned_by": engine}))
                 .collect();
             data.push(
                 json!({"id": "auto", "object": "model", "created": created, "owned_by": "lmsd"}),
