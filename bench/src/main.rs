@@ -74,15 +74,16 @@ fn print_p1(engine: &str, direct: &str, p1: &live::DispatchOverhead) {
         p1.direct.samples
     );
     println!(
-        "  {direct:<22}p50 {:>8.1} us   p99 {:>8.1} us",
+        "  {direct:<24}p50 {:>8.1} us   p99 {:>8.1} us",
         p1.direct.p50_us, p1.direct.p99_us
     );
     println!(
-        "  through lmsd          p50 {:>8.1} us   p99 {:>8.1} us",
-        p1.via_lmsd.p50_us, p1.via_lmsd.p99_us
+        "  {:<24}p50 {:>8.1} us   p99 {:>8.1} us",
+        "through lmsd", p1.via_lmsd.p50_us, p1.via_lmsd.p99_us
     );
     println!(
-        "  lmsd adds             p50 {:>8.1} us   p99 {:>8.1} us   (targets <= 100 us, <= 1000 us: {}, {})\n",
+        "  {:<24}p50 {:>8.1} us   p99 {:>8.1} us   (targets <= 100 us, <= 1000 us: {}, {})\n",
+        "lmsd adds",
         p1.overhead_p50_us,
         p1.overhead_p99_us,
         verdict(p1.overhead_p50_us <= 100.0),

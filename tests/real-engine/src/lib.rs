@@ -82,7 +82,7 @@ pub struct Stopped {
 
 impl Router {
     /// Starts a router on a free loopback port serving `models` (and no others), with lmsd's
-    /// recommended flags: no autoload, a high `--models-max`, small contexts, two threads.
+    /// recommended flags: no autoload, a high `--models-max`; small contexts.
     pub async fn start(files: &EngineFiles, models: &[&str]) -> Result<Router, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let models_dir = dir.path().join("models");
@@ -92,11 +92,12 @@ impl Router {
             std::os::unix::fs::symlink(files.models.join(&file), models_dir.join(&file))
                 .map_err(|e| format!("cannot link {file}: {e}"))?;
         }
-        // Gemma 3 270M is a base model without a chat template of its own. (A preset section
-        // alone makes the router list a model, so it is written only when Gemma is served.)
-        let mut presets = String::from("version = 1\n\n[*]\nc = 512\nt = 2\n");
+        // One thread for the tiny models leaves a core to lmsd and the tests on a 2-core
+        // machine. Gemma 3 270M gets two, and a chat template: it is a base model without one.
+        // (A preset section alone makes the router list a model: written only when served.)
+        let mut presets = String::from("version = 1\n\n[*]\nc = 512\nt = 1\n");
         if models.contains(&GEMMA) {
-            presets.push_str(&format!("\n[{GEMMA}]\nchat-template = gemma\n"));
+            presets.push_str(&format!("\n[{GEMMA}]\nchat-template = gemma\nt = 2\n"));
         }
         std::fs::write(dir.path().join("presets.ini"), presets).map_err(|e| e.to_string())?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
