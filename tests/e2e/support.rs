@@ -276,6 +276,11 @@ impl TestDaemon {
         run_ctl(&self.socket, args, None).await
     }
 
+    /// As `ctl`, for a command that may take up to `patience` (real inference, say).
+    pub async fn ctl_within(&self, args: &[&str], patience: Duration) -> CtlOutput {
+        run_ctl_within(&self.socket, args, None, patience).await
+    }
+
     pub async fn ctl_with_stdin(&self, args: &[&str], stdin: &str) -> CtlOutput {
         run_ctl(&self.socket, args, Some(stdin)).await
     }
@@ -347,6 +352,15 @@ pub struct CtlOutput {
 }
 
 pub async fn run_ctl(socket: &Path, args: &[&str], stdin: Option<&str>) -> CtlOutput {
+    run_ctl_within(socket, args, stdin, PATIENCE).await
+}
+
+pub async fn run_ctl_within(
+    socket: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+    patience: Duration,
+) -> CtlOutput {
     let mut child = Command::new(ctl_bin())
         .arg("--socket")
         .arg(socket)
@@ -364,7 +378,7 @@ pub async fn run_ctl(socket: &Path, args: &[&str], stdin: Option<&str>) -> CtlOu
         let mut pipe = child.stdin.take().expect("stdin");
         pipe.write_all(text.as_bytes()).await.expect("writes stdin");
     }
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+    let out = tokio::time::timeout(patience, child.wait_with_output())
         .await
         .expect("lmsd-ctl finishes in time")
         .expect("lmsd-ctl runs");

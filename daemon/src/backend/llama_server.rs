@@ -229,6 +229,26 @@ impl LlamaServer {
             .collect())
     }
 
+    /// Asks the router to load or unload `model`; `Ok(false)` when it answers that this is done
+    /// already (`already_done` is its message for that).
+    async fn ask(
+        &self,
+        path: &str,
+        model: &str,
+        limit: Limit,
+        already_done: &str,
+    ) -> Result<bool, BackendError> {
+        match self
+            .http
+            .post::<Success>(path, &json!({ "model": model }), limit)
+            .await
+        {
+            Ok(Success {}) => Ok(true),
+            Err(BackendError::Api { message, .. }) if message.contains(already_done) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The router's state of one model, `None` when it lists no such model.
     async fn state(&self, id: &str) -> Result<Option<RouterModel>, BackendError> {
         Ok(self.router_models().await?.into_iter().find(|m| m.id == id))
@@ -247,14 +267,14 @@ impl LlamaServer {
         }
         let started = Instant::now();
         let deadline = started + self.http.timeout(Limit::Request);
-        let _: Success = self
-            .http
-            .post(
-                "/models/load",
-                &json!({ "model": body.model }),
-                Limit::Request,
-            )
-            .await?;
+        // Already running (loaded by someone else meanwhile) is what we wanted too.
+        self.ask(
+            "/models/load",
+            &body.model,
+            Limit::Request,
+            "already running",
+        )
+        .await?;
         loop {
             match self.state(&body.model).await? {
                 Some(model) if model.is_loaded() => break,
@@ -288,14 +308,12 @@ impl LlamaServer {
     /// Asks the router to stop the model's child and waits until it lists the model unloaded.
     pub async fn unload(&self, instance_id: &str) -> Result<(), BackendError> {
         let deadline = Instant::now() + self.http.timeout(Limit::Control);
-        let _: Success = self
-            .http
-            .post(
-                "/models/unload",
-                &json!({ "model": instance_id }),
-                Limit::Control,
-            )
-            .await?;
+        if !self
+            .ask("/models/unload", instance_id, Limit::Control, "not running")
+            .await?
+        {
+            return Ok(());
+        }
         loop {
             match self.state(instance_id).await? {
                 Some(model) if model.is_loaded() || model.status.value == "loading" => {}

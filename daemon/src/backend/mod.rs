@@ -194,8 +194,9 @@ fn classify_error(status: u16, error: &Value) -> BackendError {
     } else if status == 401 || code.as_deref() == Some("invalid_api_key") {
         BackendError::Unauthorized { message }
     } else if status == 404
-        // llama-server's router, for a chat to a model it has unloaded.
+        // llama-server's router: a chat to a model it has unloaded, an unload of one it lacks.
         || lower.contains("model is not loaded")
+        || lower.contains("model is not found")
         || kind.as_deref() == Some("model_not_found")
         || code.as_deref() == Some("model_not_found")
     {
