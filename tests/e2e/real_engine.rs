@@ -15,6 +15,11 @@ use crate::support::*;
 
 /// A router serving `models`; `None` when the engine is missing and the tests are skipped.
 async fn router(models: &[&str]) -> Option<Router> {
+    router_with(models, "").await
+}
+
+/// As `router`, with sections added to the router's preset file.
+async fn router_with(models: &[&str], presets: &str) -> Option<Router> {
     let files = match EngineFiles::locate() {
         Ok(files) => files,
         Err(why) if std::env::var_os("LMSD_SKIP_REAL_ENGINE").is_some() => {
@@ -23,7 +28,7 @@ async fn router(models: &[&str]) -> Option<Router> {
         }
         Err(why) => panic!("{why} (or set LMSD_SKIP_REAL_ENGINE=1 to skip these tests)"),
     };
-    Some(Router::start(&files, models).await.unwrap())
+    Some(Router::start_with(&files, models, presets).await.unwrap())
 }
 
 /// lmsd in front of `router`, with `extra` config after `[llama_server]`.
@@ -413,4 +418,30 @@ async fn an_unload_behind_lmsds_back_is_noticed_and_the_next_task_reloads() {
     assert!(!chat_text(&daemon, TINY_A, "second").await.is_empty());
     assert_eq!(router.loaded().await, [TINY_A]);
     assert_eq!(router.spawns_of(TINY_A), 2, "{}", router.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_on_a_model_the_router_runs_for_them() {
+    let presets = format!("\n[{TINY_B}]\nembeddings = true\npooling = mean\n");
+    let Some(router) = router_with(&[TINY_A, TINY_B], &presets).await else {
+        return;
+    };
+    let daemon = daemon_for(&router, "").await;
+    let models = daemon.ctl_json(&["models"]).await;
+    let kinds: Vec<(&str, &str)> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["key"].as_str().unwrap(), m["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [(TINY_A, "llm"), (TINY_B, "embedding")]);
+
+    let embedded = daemon
+        .ctl_json(&["embed", "auto", "first text", "second text"])
+        .await;
+    assert_eq!(embedded["model"], TINY_B);
+    let vectors = embedded["embeddings"].as_array().unwrap();
+    assert_eq!(vectors.len(), 2);
+    assert_eq!(vectors[0].as_array().unwrap().len(), 256, "tiny-b's width");
+    assert_ne!(vectors[0], vectors[1]);
 }

@@ -84,6 +84,15 @@ impl Router {
     /// Starts a router on a free loopback port serving `models` (and no others), with lmsd's
     /// recommended flags: no autoload, a high `--models-max`; small contexts.
     pub async fn start(files: &EngineFiles, models: &[&str]) -> Result<Router, String> {
+        Self::start_with(files, models, "").await
+    }
+
+    /// As `start`, with `presets` (sections of the router's preset file) added.
+    pub async fn start_with(
+        files: &EngineFiles,
+        models: &[&str],
+        extra_presets: &str,
+    ) -> Result<Router, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let models_dir = dir.path().join("models");
         std::fs::create_dir(&models_dir).map_err(|e| e.to_string())?;
@@ -99,6 +108,7 @@ impl Router {
         if models.contains(&GEMMA) {
             presets.push_str(&format!("\n[{GEMMA}]\nchat-template = gemma\nt = 2\n"));
         }
+        presets.push_str(extra_presets);
         std::fs::write(dir.path().join("presets.ini"), presets).map_err(|e| e.to_string())?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
