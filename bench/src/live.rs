@@ -91,6 +91,20 @@ impl Daemon {
         })
     }
 
+    /// Voluntary context switches of all its threads so far: how often it woke up.
+    pub fn context_switches(&self) -> Option<u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id()?)).ok()?;
+        let mut total = 0;
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())?;
+        }
+        Some(total)
+    }
+
     pub fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
         status
@@ -345,6 +359,8 @@ pub async fn p2(
 #[derive(Debug, Serialize)]
 pub struct Memory {
     pub idle_rss_mib: f64,
+    /// Times per second an idle lmsd (a model loaded, nothing to do) wakes up.
+    pub idle_wakeups_per_s: f64,
     pub loaded_rss_mib: f64,
     pub connections: usize,
     pub queued_tasks: usize,
@@ -352,7 +368,12 @@ pub struct Memory {
 
 /// P3: daemon RSS idle, then with many clients connected and their tasks queued behind a stalled
 /// model.
-pub async fn p3(sim: &Simulator, connections: usize, tasks_each: usize) -> Result<Memory, String> {
+pub async fn p3(
+    sim: &Simulator,
+    connections: usize,
+    tasks_each: usize,
+    idle_window: Duration,
+) -> Result<Memory, String> {
     let daemon = Daemon::start(&at_simulator(sim), "").await?;
     let mib = |kib: Option<u64>| kib.map_or(f64::NAN, |k| k as f64 / 1024.0);
     let mut client = Client::connect(&daemon.socket)
@@ -360,6 +381,14 @@ pub async fn p3(sim: &Simulator, connections: usize, tasks_each: usize) -> Resul
         .map_err(|e| e.to_string())?;
     chat_through(&mut client, chat_request()).await?;
     let idle_rss_mib = mib(daemon.rss_kib());
+    // After the chat's own aftermath (the ledger's write), count wake-ups while nothing happens.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = daemon.context_switches();
+    tokio::time::sleep(idle_window).await;
+    let idle_wakeups_per_s = match (before, daemon.context_switches()) {
+        (Some(before), Some(after)) => (after - before) as f64 / idle_window.as_secs_f64(),
+        _ => f64::NAN,
+    };
     sim.inject(
         Route::Chat,
         Fault::Delay(Duration::from_secs(600)),
@@ -399,6 +428,7 @@ pub async fn p3(sim: &Simulator, connections: usize, tasks_each: usize) -> Resul
     sim.clear_faults();
     Ok(Memory {
         idle_rss_mib,
+        idle_wakeups_per_s,
         loaded_rss_mib,
         connections,
         queued_tasks: queued,

@@ -108,6 +108,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
         };
     // A real chat takes milliseconds, not microseconds: fewer samples say as much.
     let p1_engine_samples = if args.quick { 20 } else { 500 };
+    let idle_window = Duration::from_secs(if args.quick { 1 } else { 10 });
     let sim = live::start_sim().await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -163,12 +164,16 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
     );
     drop(daemon);
 
-    let p3 = live::p3(&sim, conns, tasks_each).await?;
+    let p3 = live::p3(&sim, conns, tasks_each, idle_window).await?;
     println!("P3 memory (VmRSS)");
     println!(
         "  idle                  {:>8.1} MiB   (target <= 15: {})",
         p3.idle_rss_mib,
         verdict(p3.idle_rss_mib <= 15.0)
+    );
+    println!(
+        "  idle wake-ups         {:>8.1} /s    (a model loaded, nothing to do; catalogue read every 5 s)",
+        p3.idle_wakeups_per_s
     );
     println!(
         "  {} clients, {} queued tasks {:>6.1} MiB   (target <= 64: {})\n",

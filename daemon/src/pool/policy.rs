@@ -69,6 +69,17 @@ pub fn expired(residents: &[Resident], now: Instant) -> Vec<String> {
         .collect()
 }
 
+/// When the first of `residents` that may expire will (at `now` if one is due), or `None` when
+/// none can: busy, pinned, unmanaged and `never` instances wait for an event, not the clock.
+pub fn next_expiry(residents: &[Resident], now: Instant) -> Option<Instant> {
+    residents
+        .iter()
+        .filter(|r| r.evictable())
+        .filter_map(|r| r.ttl.left(now.saturating_duration_since(r.last_used)))
+        .map(|left| now + left)
+        .min()
+}
+
 /// Whether a load of `need` bytes can happen, given what is resident and reserved.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fit {
@@ -181,6 +192,27 @@ mod tests {
         let all = [busy, pinned, outside, forever, fresh, idle];
         assert_eq!(expired(&all, later), vec!["idle".to_string()]);
         assert!(expired(&all, start).is_empty());
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_soonest_of_those_that_can_expire() {
+        let start = Instant::now();
+        let mut busy = resident("busy", 1, start);
+        busy.in_flight = 1;
+        busy.ttl = Ttl::After(Duration::from_secs(1));
+        let mut forever = resident("forever", 1, start);
+        forever.ttl = Ttl::Never;
+        let mut soon = resident("soon", 1, start);
+        soon.ttl = Ttl::After(Duration::from_secs(20));
+        let later = resident("later", 1, start);
+        assert_eq!(
+            next_expiry(&[busy.clone(), forever.clone(), soon, later], start),
+            Some(start + Duration::from_secs(20))
+        );
+        assert_eq!(next_expiry(&[busy, forever], start), None);
+        let overdue = resident("overdue", 1, start);
+        let now = start + Duration::from_secs(90);
+        assert_eq!(next_expiry(&[overdue], now), Some(now));
     }
 
     #[test]
