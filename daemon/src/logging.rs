@@ -12,6 +12,20 @@ use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use crate::config::LogConfig;
 
+/// Lines each writer buffers before it drops (and counts) more. tracing-appender's default,
+/// 128,000, preallocates 4 MiB per writer: half of an idle lmsd's memory, for bursts a daemon
+/// that logs a few lines per task never has.
+const BUFFERED_LINES: usize = 8_192;
+
+/// A writer that hands lines to a background thread.
+fn non_blocking<W: std::io::Write + Send + 'static>(
+    writer: W,
+) -> (tracing_appender::non_blocking::NonBlocking, WorkerGuard) {
+    tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(BUFFERED_LINES)
+        .finish(writer)
+}
+
 /// Sets the log filter at run time (`[log] level` on reload).
 pub type LevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
@@ -40,7 +54,7 @@ pub fn init(config: &LogConfig) -> Logging {
     };
     let (filter, handle) = reload::Layer::new(filter);
     let mut guards = Vec::new();
-    let (stderr, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (stderr, guard) = non_blocking(std::io::stderr());
     guards.push(guard);
     let stderr_layer = fmt::layer()
         .with_writer(stderr)
@@ -61,7 +75,7 @@ pub fn init(config: &LogConfig) -> Logging {
             });
         match appender {
             Ok(appender) => {
-                let (writer, guard) = tracing_appender::non_blocking(appender);
+                let (writer, guard) = non_blocking(appender);
                 guards.push(guard);
                 Some(
                     fmt::layer()

@@ -24,6 +24,8 @@ use crate::tasks::{self, Context, EventSink};
 /// Replies waiting to be written on one connection. A client that stops reading holds up only
 /// its own requests.
 const REPLY_QUEUE: usize = 256;
+/// Bytes read from a client at a time.
+const READ_BUFFER: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -276,7 +278,9 @@ async fn serve_connection(
             }
         }
     });
-    let mut lines = LineReader::new(BufReader::new(read));
+    // Most request lines are small; a longer one just takes more reads. (The default 8 KiB, per
+    // connection, was most of what an idle connection costs.)
+    let mut lines = LineReader::new(BufReader::with_capacity(READ_BUFFER, read));
     let mut requests = JoinSet::new();
     // Once stopping, new requests are refused with `shutting_down` until the accepted ones end.
     let mut stopping = false;

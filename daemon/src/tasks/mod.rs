@@ -518,7 +518,9 @@ impl<'a> Task<'a> {
         let mut reread = false;
         loop {
             self.report.attempts += 1;
-            let lease = match self.acquire(&candidate.model, ttl, context_length).await {
+            // Boxed, like `perform` below: an async fn's state holds room for every future it
+            // awaits, so a queued task would carry a running one's. Boxes exist only while used.
+            let lease = match Box::pin(self.acquire(&candidate.model, ttl, context_length)).await {
                 Ok(lease) => lease,
                 // The catalogue may be stale (a model downloaded a moment ago): read it again
                 // once before giving up on the name.
@@ -530,7 +532,7 @@ impl<'a> Task<'a> {
                 Err(error) => return Err(error),
             };
             let instance = lease.instance_id.clone();
-            let result = self.perform(&lease, candidate, work).await;
+            let result = Box::pin(self.perform(&lease, candidate, work)).await;
             drop(lease);
             self.handle.set_instance(None);
             let error = match result {
@@ -716,7 +718,8 @@ async fn run_task(
         let candidates = task.candidates(model, embedding).await?;
         task.run(&candidates, &work).await
     };
-    let result = bounded(&ctx.stopping, &cancel, deadline, submitted, run).await;
+    // Boxed: otherwise the task's future holds both `run` and the `bounded` that moves it.
+    let result = Box::pin(bounded(&ctx.stopping, &cancel, deadline, submitted, run)).await;
     ctx.observers.emit(Event::TaskFinished {
         task_id: task.handle.id.clone(),
         outcome: result
