@@ -100,7 +100,7 @@ impl Client {
             }
             match reply.body {
                 ReplyBody::Event(event) => on_event(&event),
-                ReplyBody::Result(outcome) => return Ok(outcome),
+                ReplyBody::Result(outcome) => return Ok(*outcome),
                 ReplyBody::Error { error } => return Err(ClientError::Remote(error)),
             }
         }

@@ -257,7 +257,9 @@ pub struct Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ReplyBody {
-    Result(Outcome),
+    /// Boxed: outcomes are large and rare beside events, and every connection's reply queue
+    /// holds a block of replies.
+    Result(Box<Outcome>),
     Event(Event),
     Error { error: WireError },
 }
@@ -266,7 +268,7 @@ impl Reply {
     pub fn result(id: String, outcome: Outcome) -> Self {
         Reply {
             id: Some(id),
-            body: ReplyBody::Result(outcome),
+            body: ReplyBody::Result(Box::new(outcome)),
         }
     }
 
