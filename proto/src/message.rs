@@ -261,7 +261,9 @@ pub enum ReplyBody {
     /// holds a block of replies.
     Result(Box<Outcome>),
     Event(Event),
-    Error { error: WireError },
+    Error {
+        error: WireError,
+    },
 }
 
 impl Reply {
