@@ -103,6 +103,10 @@ async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
         [(TINY_A, file_size(TINY_A)), (TINY_B, file_size(TINY_B))],
         "sizes before any load are the GGUF files'"
     );
+    assert_eq!(
+        models["models"][0]["max_context_length"], 512,
+        "the context of the router's presets"
+    );
 
     // Load: the router runs the model in a child process.
     let loaded = daemon.ctl_json(&["load", TINY_A]).await;

@@ -475,12 +475,15 @@ impl LlamaServer {
 
 /// The pool's view of a router model.
 fn to_model(model: RouterModel, size_bytes: u64) -> Model {
+    let number = |flags: &[&str]| model.arg(flags).and_then(|v| v.parse().ok());
+    // The context its child runs with (from the router's presets), listed loaded or not: what
+    // `auto` can count on.
+    let context_length: Option<u32> = number(&["-c", "--ctx-size"]);
     let loaded_instances = if model.is_loaded() {
-        let number = |flags: &[&str]| model.arg(flags).and_then(|v| v.parse().ok());
         vec![LoadedInstance {
             id: model.id.clone(),
             config: InstanceConfig {
-                context_length: number(&["-c", "--ctx-size"]).unwrap_or(0),
+                context_length: context_length.unwrap_or(0),
                 parallel: number(&["-np", "--parallel"]),
             },
         }]
@@ -504,7 +507,7 @@ fn to_model(model: RouterModel, size_bytes: u64) -> Model {
         size_bytes,
         params_string: None,
         loaded_instances,
-        max_context_length: None,
+        max_context_length: context_length,
         capabilities: None,
     }
 }
@@ -684,8 +687,10 @@ mod tests {
         assert_eq!(tiny.loaded_instances[0].id, "tiny-a");
         assert_eq!(tiny.loaded_instances[0].config.context_length, 1024);
         assert_eq!(tiny.loaded_instances[0].config.parallel, Some(4));
+        assert_eq!(tiny.max_context_length, Some(1024));
         let gemma = to_model(models.next().unwrap(), 0);
         assert!(gemma.loaded_instances.is_empty());
+        assert_eq!(gemma.max_context_length, None);
         assert_eq!(gemma.kind, ModelType::Llm);
     }
 }
