@@ -554,6 +554,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.lmstudio.validate()?;
         self.llama_server.validate()?;
+        if self.backend.kind == EngineKind::LlamaServer && self.pool.max_instances > 1 {
+            return Err(ConfigError::Invalid(
+                "[pool] max_instances above 1 needs LM Studio: llama-server runs one instance per model".into(),
+            ));
+        }
         if self.backend.kind == EngineKind::LlamaServer {
             // llama-server's router takes load settings from its preset file, not from a load.
             if let Some((key, _)) = self.models.iter().find(|(_, m)| m.has_load_settings()) {
@@ -768,6 +773,9 @@ mod tests {
         assert!(err.to_string().contains("--models-preset"), "{err}");
         Config::parse("[backend]\nkind = \"llama-server\"\n[models.\"tiny\"]\npinned = true\n")
             .expect("pins are fine");
+        let err = Config::parse("[backend]\nkind = \"llama-server\"\n[pool]\nmax_instances = 2\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("one instance per model"), "{err}");
     }
 
     #[test]

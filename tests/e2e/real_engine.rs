@@ -114,6 +114,13 @@ async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
     assert_eq!(router.loaded().await, [TINY_A]);
     assert_eq!(router.children_of(TINY_A).len(), 1, "one child process");
 
+    // Load settings belong in the router's presets: refused for this task alone.
+    let refused = daemon
+        .ctl(&["chat", TINY_A, "hi", "--context-length", "4096"])
+        .await;
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    assert!(refused.stderr.contains("--models-preset"), "{}", refused.stderr);
+
     // Chat, plain and streamed: real tokens, and the same at temperature 0.
     let say = [
         "chat",

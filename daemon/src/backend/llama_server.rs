@@ -26,6 +26,8 @@ use super::{
 
 /// Replies whose conversations lmsd keeps for continuation; older ones are forgotten.
 pub const CONVERSATIONS_MAX: usize = 4096;
+/// Text the kept replies may hold together (their earlier turns, shared, come on top).
+pub const CONVERSATIONS_MAX_BYTES: usize = 64 << 20;
 /// How often a load or unload is checked on while the router carries it out.
 const STATE_POLL: Duration = Duration::from_millis(50);
 
@@ -102,11 +104,20 @@ struct Turn {
     assistant: String,
 }
 
-/// Conversations by response id, the newest [`CONVERSATIONS_MAX`] kept.
+impl Turn {
+    fn bytes(&self) -> usize {
+        self.system.as_ref().map_or(0, String::len) + self.user.len() + self.assistant.len()
+    }
+}
+
+/// Conversations by response id: the newest, at most [`CONVERSATIONS_MAX`] replies and
+/// [`CONVERSATIONS_MAX_BYTES`] of their text.
 #[derive(Default)]
 struct Conversations {
     by_response: HashMap<String, Arc<Turn>>,
     order: VecDeque<String>,
+    /// Text of the turns in `by_response`.
+    bytes: usize,
     next: u64,
 }
 
@@ -132,13 +143,18 @@ impl Conversations {
         self.next += 1;
         // The process id keeps ids of a restarted lmsd apart from the last one's.
         let id = format!("resp_lmsd_{}_{}", std::process::id(), self.next);
-        if self.order.len() == CONVERSATIONS_MAX {
-            if let Some(oldest) = self.order.pop_front() {
-                self.by_response.remove(&oldest);
-            }
-        }
+        self.bytes += turn.bytes();
         self.order.push_back(id.clone());
         self.by_response.insert(id.clone(), Arc::new(turn));
+        // The newest reply stays, whatever its size.
+        while self.order.len() > 1
+            && (self.order.len() > CONVERSATIONS_MAX || self.bytes > CONVERSATIONS_MAX_BYTES)
+        {
+            let oldest = self.order.pop_front();
+            if let Some(turn) = oldest.and_then(|id| self.by_response.remove(&id)) {
+                self.bytes -= turn.bytes();
+            }
+        }
         id
     }
 }
@@ -261,9 +277,7 @@ impl LlamaServer {
             || body.num_experts.is_some()
             || body.offload_kv_cache_to_gpu.is_some()
         {
-            return Err(BackendError::Unsupported {
-                what: "llama-server does not take load settings on a load: set them in its --models-preset file (for example `c = 8192`)".into(),
-            });
+            return Err(no_load_settings());
         }
         let started = Instant::now();
         let deadline = started + self.http.timeout(Limit::Request);
@@ -394,12 +408,13 @@ impl LlamaServer {
         }
     }
 
-    pub async fn chat(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
-        let (request, history) = self.completion_request(body, false)?;
-        let reply: Completion = self
-            .http
-            .post("/v1/chat/completions", &request, Limit::Request)
-            .await?;
+    /// `finish` for a whole (not streamed) completion.
+    fn finish_completion(
+        &self,
+        body: &ChatBody,
+        history: Option<Arc<Turn>>,
+        reply: Completion,
+    ) -> ChatReply {
         let message = reply.choices.into_iter().next().map(|c| c.message);
         let (content, reasoning) = message
             .map(|m| {
@@ -409,7 +424,16 @@ impl LlamaServer {
                 )
             })
             .unwrap_or_default();
-        Ok(self.finish(body, history, content, reasoning, reply.usage))
+        self.finish(body, history, content, reasoning, reply.usage)
+    }
+
+    pub async fn chat(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
+        let (request, history) = self.completion_request(body, false)?;
+        let reply: Completion = self
+            .http
+            .post("/v1/chat/completions", &request, Limit::Request)
+            .await?;
+        Ok(self.finish_completion(body, history, reply))
     }
 
     /// A streamed chat: OpenAI's `data:` chunks, ended by `[DONE]`.
@@ -431,9 +455,7 @@ impl LlamaServer {
             Opened::Events(status, events) => (status, events),
             Opened::Body(status, bytes) => {
                 let reply: Completion = decode_reply(status, &bytes)?;
-                let message = reply.choices.into_iter().next().map(|c| c.message);
-                let content = message.and_then(|m| m.content).unwrap_or_default();
-                return Ok(self.finish(body, history, content, String::new(), reply.usage));
+                return Ok(self.finish_completion(body, history, reply));
             }
         };
         let (mut message, mut reasoning, mut usage) = (String::new(), String::new(), None);
@@ -470,6 +492,13 @@ impl LlamaServer {
             status,
             detail: "the event stream ended before [DONE]".into(),
         })
+    }
+}
+
+/// Why a load with settings is refused.
+pub fn no_load_settings() -> BackendError {
+    BackendError::Unsupported {
+        what: "llama-server does not take load settings on a load: set them in its --models-preset file (for example `c = 8192`)".into(),
     }
 }
 
@@ -667,6 +696,17 @@ mod tests {
         let Err(error) = conversations.get(&first) else {
             panic!("the oldest conversation was kept");
         };
+        // Large replies are forgotten by size, long before their count says so.
+        let big = || Turn {
+            parent: None,
+            system: None,
+            user: "x".repeat(CONVERSATIONS_MAX_BYTES / 3),
+            assistant: String::new(),
+        };
+        let ids: Vec<String> = (0..4).map(|_| conversations.record(big())).collect();
+        assert!(conversations.bytes <= CONVERSATIONS_MAX_BYTES);
+        assert!(conversations.get(&ids[0]).is_err());
+        assert!(conversations.get(&ids[3]).is_ok());
         assert!(
             matches!(error, BackendError::ConversationLost { .. }),
             "{error}"

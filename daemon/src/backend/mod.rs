@@ -66,6 +66,16 @@ impl Backend {
         }
     }
 
+    /// Refuses a request's load settings (context length and the like) when the engine takes
+    /// none: before the request is queued, so that it fails alone, not the tasks that share its
+    /// load.
+    pub fn accept_load_settings(&self, any: bool) -> Result<(), BackendError> {
+        match self {
+            Backend::LlamaServer(_) if any => Err(llama_server::no_load_settings()),
+            _ => Ok(()),
+        }
+    }
+
     /// Loads an instance and returns once it can serve.
     pub async fn load(&self, body: &LoadBody) -> Result<LoadReply, BackendError> {
         match self {
@@ -147,7 +157,7 @@ pub enum BackendError {
     Malformed { status: u16, detail: String },
     /// A continuation of a conversation lmsd kept for the engine (llama-server) and no longer
     /// has: lmsd restarted, or it was among the oldest.
-    #[error("no conversation has response id {response_id:?}: on llama-server lmsd keeps conversations in memory (the newest {}), and they end when lmsd restarts", llama_server::CONVERSATIONS_MAX)]
+    #[error("no conversation has response id {response_id:?}: on llama-server lmsd keeps conversations in memory (the newest {} replies, {} MiB of text), and they end when lmsd restarts", llama_server::CONVERSATIONS_MAX, llama_server::CONVERSATIONS_MAX_BYTES >> 20)]
     ConversationLost { response_id: String },
     /// A request the engine cannot serve (load settings on llama-server, say).
     #[error("{what}")]

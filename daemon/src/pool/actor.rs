@@ -990,12 +990,17 @@ impl Actor {
     /// deadlines, priority aging, turn holds, `max_wait`) or a pinned model is missing;
     /// otherwise at the next catalogue read or TTL expiry. An idle lmsd sleeps between polls.
     fn next_wake(&self, now: Instant) -> Instant {
-        let pin_missing = self.pins.iter().any(|pin| {
-            !self
-                .instances
-                .iter()
-                .any(|i| &i.model == pin && i.unloading.is_none())
-        });
+        // A pin waiting for memory held by a turn hold needs the clock; one the engine cannot
+        // serve (unreachable, not in its catalogue, never fits) waits for a catalogue read.
+        let pin_missing = self.reachable
+            && self.pins.iter().any(|pin| {
+                !self.pins_blocked.contains(pin)
+                    && self.catalogue.iter().any(|m| &m.key == pin)
+                    && !self
+                        .instances
+                        .iter()
+                        .any(|i| &i.model == pin && i.unloading.is_none())
+            });
         if !self.waiters.is_empty() || !self.loads.is_empty() || pin_missing {
             return now + TICK;
         }

@@ -220,6 +220,13 @@ pub async fn models(ctx: &Context) -> Result<ModelList, TaskError> {
 }
 
 pub async fn load(ctx: &Context, request: LoadRequest) -> Result<LoadOutcome, TaskError> {
+    ctx.backend.accept_load_settings(
+        request.context_length.is_some()
+            || request.eval_batch_size.is_some()
+            || request.flash_attention.is_some()
+            || request.num_experts.is_some()
+            || request.offload_kv_cache_to_gpu.is_some(),
+    )?;
     Ok(ctx.pool.load(request).await?)
 }
 
@@ -738,6 +745,8 @@ pub async fn chat(
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<ChatOutcome, TaskError> {
+    ctx.backend
+        .accept_load_settings(request.context_length.is_some())?;
     let (model, tag) = (request.model.clone(), request.options.tag.clone());
     let result = run_chat(ctx, request, sink, cancel).await;
     let entry = match &result {
