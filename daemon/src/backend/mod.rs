@@ -222,6 +222,14 @@ fn classify_error(status: u16, error: &Value) -> BackendError {
 
 /// Checks status and body, and decodes the body as `T`.
 fn decode_reply<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, BackendError> {
+    // The common case in one pass: a success with no `"error"` anywhere in it (a reply type
+    // whose fields are all optional would read an error body as a success, so any mention
+    // takes the careful way below).
+    if (200..300).contains(&status) && memchr::memmem::find(body, b"\"error\"").is_none() {
+        if let Ok(reply) = serde_json::from_slice(body) {
+            return Ok(reply);
+        }
+    }
     let value: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
         Err(e) => {
@@ -260,7 +268,10 @@ fn decode_reply<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, Back
 #[derive(Clone)]
 pub struct Http {
     client: reqwest::Client,
+    /// The engine's URL as configured, for messages.
     base: String,
+    /// The same, parsed once: each call only sets its path.
+    url: reqwest::Url,
     token: Option<String>,
     control_timeout: Duration,
     request_timeout: Duration,
@@ -310,17 +321,23 @@ impl Http {
         config: &EngineConfig<S>,
         token: Option<String>,
     ) -> Result<Http, BackendError> {
+        let unusable = |detail: String| BackendError::Unreachable {
+            url: config.url.clone(),
+            detail,
+        };
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
+            // The engines' APIs do not redirect; following costs time on every call.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| BackendError::Unreachable {
-                url: config.url.clone(),
-                detail: format!("cannot build an HTTP client: {e}"),
-            })?;
+            .map_err(|e| unusable(format!("cannot build an HTTP client: {e}")))?;
+        let base = config.url.trim_end_matches('/').to_owned();
+        let url = reqwest::Url::parse(&base).map_err(|e| unusable(format!("not a URL: {e}")))?;
         Ok(Http {
             client,
-            base: config.url.trim_end_matches('/').to_owned(),
+            base,
+            url,
             token,
             control_timeout: config.control_timeout,
             request_timeout: config.request_timeout,
@@ -361,9 +378,13 @@ impl Http {
         path: &str,
         limit: Limit,
     ) -> reqwest::RequestBuilder {
+        // Parsing the whole URL on every call was a tenth of lmsd's work per chat.
+        let mut url = self.url.clone();
+        let prefix = self.url.path().trim_end_matches('/');
+        url.set_path(&format!("{prefix}{path}"));
         let request = self
             .client
-            .request(method, format!("{}{path}", self.base))
+            .request(method, url)
             .timeout(self.timeout(limit));
         match &self.token {
             Some(token) => request.bearer_auth(token),
@@ -479,5 +500,27 @@ impl Http {
         }
         reply.data.sort_by_key(|item| item.index);
         Ok(reply.data.into_iter().map(|item| item.embedding).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct AllOptional {
+        #[serde(default)]
+        text: Option<String>,
+    }
+
+    #[test]
+    fn an_error_body_is_an_error_even_where_the_reply_type_would_accept_it() {
+        let error = decode_reply::<AllOptional>(200, br#"{"error":"model crashed"}"#);
+        assert!(matches!(error, Err(BackendError::Api { status: 200, .. })));
+        // A success that merely mentions the word takes the careful way and still succeeds.
+        let reply: AllOptional = decode_reply(200, br#"{"text":"an \"error\" in prose"}"#).unwrap();
+        assert_eq!(reply.text.as_deref(), Some("an \"error\" in prose"));
+        let plain: AllOptional = decode_reply(200, br#"{"text":"fine"}"#).unwrap();
+        assert_eq!(plain.text.as_deref(), Some("fine"));
     }
 }
