@@ -212,37 +212,19 @@ impl LlamaServer {
 
     pub async fn models(&self) -> Result<Vec<Model>, BackendError> {
         let listed = self.router_models().await?;
-        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(listed
-            .into_iter()
-            .map(|model| {
-                let child = model
-                    .is_loaded()
-                    .then(|| find_child(&model.status.args))
-                    .flatten();
-                // A relative model path is relative to the router's directory, which its
-                // child shares; without a child, only an absolute path can be read.
-                let file = model.file().map(std::path::PathBuf::from).and_then(|file| {
-                    match (&child, file.is_absolute()) {
-                        (_, true) => Some(file),
-                        (Some(child), false) => Some(child.cwd.join(file)),
-                        (None, false) => None,
-                    }
-                });
-                let file_size = file
-                    .and_then(|f| std::fs::metadata(f).ok())
-                    .map(|m| m.len());
-                let seen = sizes.entry(model.id.clone()).or_default();
-                for size in [file_size, child.map(|c| c.resident_bytes)]
-                    .into_iter()
-                    .flatten()
-                {
-                    *seen = (*seen).max(size);
-                }
-                let size_bytes = *seen;
-                to_model(model, size_bytes)
-            })
-            .collect())
+        let sizes = self.sizes.clone();
+        // Reading /proc and the model files is blocking I/O (a process's command line waits on
+        // its memory map lock): off the async workers.
+        match tokio::task::spawn_blocking(move || sized_models(listed, &sizes)).await {
+            Ok(models) => Ok(models),
+            Err(error) => match error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(BackendError::Unreachable {
+                    url: self.url().to_owned(),
+                    detail: "lmsd is shutting down".into(),
+                }),
+            },
+        }
     }
 
     /// Asks the router to load or unload `model`; `Ok(false)` when it answers that this is done
@@ -585,6 +567,42 @@ struct ChunkChoice {
 struct CompletionDelta {
     content: Option<String>,
     reasoning_content: Option<String>,
+}
+
+/// The router's models in the pool's vocabulary, each sized by its file and the largest
+/// resident memory its child has shown (remembered in `sizes`).
+fn sized_models(listed: Vec<RouterModel>, sizes: &Mutex<HashMap<String, u64>>) -> Vec<Model> {
+    let mut sizes = sizes.lock().unwrap_or_else(|e| e.into_inner());
+    listed
+        .into_iter()
+        .map(|model| {
+            let child = model
+                .is_loaded()
+                .then(|| find_child(&model.status.args))
+                .flatten();
+            // A relative model path is relative to the router's directory, which its child
+            // shares; without a child, only an absolute path can be read.
+            let file = model.file().map(std::path::PathBuf::from).and_then(|file| {
+                match (&child, file.is_absolute()) {
+                    (_, true) => Some(file),
+                    (Some(child), false) => Some(child.cwd.join(file)),
+                    (None, false) => None,
+                }
+            });
+            let file_size = file
+                .and_then(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len());
+            let seen = sizes.entry(model.id.clone()).or_default();
+            for size in [file_size, child.map(|c| c.resident_bytes)]
+                .into_iter()
+                .flatten()
+            {
+                *seen = (*seen).max(size);
+            }
+            let size_bytes = *seen;
+            to_model(model, size_bytes)
+        })
+        .collect()
 }
 
 /// What lmsd can see of a model's child process.
