@@ -197,10 +197,6 @@ impl LlamaServer {
         }
     }
 
-    pub fn url(&self) -> &str {
-        self.http.base()
-    }
-
     pub fn http(&self) -> &Http {
         &self.http
     }
@@ -220,7 +216,7 @@ impl LlamaServer {
             Err(error) => match error.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),
                 Err(_) => Err(BackendError::Unreachable {
-                    url: self.url().to_owned(),
+                    url: self.http.base().to_owned(),
                     detail: "lmsd is shutting down".into(),
                 }),
             },

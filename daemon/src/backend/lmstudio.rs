@@ -240,10 +240,6 @@ impl LmStudio {
         LmStudio { http }
     }
 
-    pub fn url(&self) -> &str {
-        self.http.base()
-    }
-
     pub fn http(&self) -> &Http {
         &self.http
     }

@@ -51,11 +51,16 @@ impl Backend {
         }
     }
 
-    pub fn url(&self) -> &str {
+    /// The transport, which both clients share in kind.
+    fn http(&self) -> &Http {
         match self {
-            Backend::LmStudio(engine) => engine.url(),
-            Backend::LlamaServer(engine) => engine.url(),
+            Backend::LmStudio(engine) => engine.http(),
+            Backend::LlamaServer(engine) => engine.http(),
         }
+    }
+
+    pub fn url(&self) -> &str {
+        self.http().base()
     }
 
     /// The catalogue with each model's loaded instances.
@@ -123,11 +128,7 @@ impl Backend {
         model: &str,
         input: &[String],
     ) -> Result<Vec<Vec<f64>>, BackendError> {
-        let http = match self {
-            Backend::LmStudio(engine) => engine.http(),
-            Backend::LlamaServer(engine) => engine.http(),
-        };
-        http.embeddings(model, input).await
+        self.http().embeddings(model, input).await
     }
 }
 
