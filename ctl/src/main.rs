@@ -31,7 +31,9 @@ Exit codes:
  11  this user may not use that lmsd (permission_denied)
  12  lmsd's queue is full (queue_full)
  13  the task's deadline passed (deadline_exceeded)
- 14  the task was cancelled (cancelled)";
+ 14  the task was cancelled (cancelled)
+ 15  the engine lost the session's conversation; the session starts afresh next time (session_lost)
+ 16  the input does not fit the model's context (context_exceeded)";
 
 /// Command line for lmsd, the LM Studio lifecycle daemon: run tasks on local models, manage
 /// what is loaded, and see what lmsd is doing.
@@ -174,10 +176,16 @@ struct ChatArgs {
     /// System prompt.
     #[arg(long)]
     system: Option<String>,
+    /// Sampling temperature, in the engine's range: 0 to 1 on LM Studio, 0 to 2 on
+    /// llama-server.
     #[arg(long)]
     temperature: Option<f64>,
     #[arg(long)]
     max_output_tokens: Option<u32>,
+    /// Keep the reply on the engine and print its `response_id`, to continue it later with
+    /// --previous-response-id (sessions do this by themselves).
+    #[arg(long)]
+    store: bool,
     /// Continue the conversation from this response (`resp_…`).
     #[arg(long)]
     previous_response_id: Option<String>,
@@ -249,6 +257,7 @@ impl ChatArgs {
             unload_after: self.unload_after,
             keep: self.keep,
             context_length: self.context_length,
+            store: self.store,
             options: TaskOptions {
                 priority: self.queue.priority,
                 timeout: self.queue.timeout,
@@ -280,6 +289,8 @@ fn exit_code(error: &ClientError) -> u8 {
             ErrorCode::QueueFull => 12,
             ErrorCode::DeadlineExceeded => 13,
             ErrorCode::Cancelled => 14,
+            ErrorCode::SessionLost => 15,
+            ErrorCode::ContextExceeded => 16,
             ErrorCode::Internal | ErrorCode::Unknown => 1,
         },
     }

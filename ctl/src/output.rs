@@ -168,10 +168,20 @@ pub fn print_daemon_event(event: &Event) {
         } => format!("task {task_id} finished: {outcome} in {total_ms} ms"),
         Event::Backend { reachable: true } => "the engine is reachable".into(),
         Event::Backend { reachable: false } => "the engine is UNREACHABLE".into(),
+        Event::ContextMismatch {
+            model,
+            instance_id,
+            requested,
+            loaded,
+        } => format!(
+            "{instance_id} ({model}) loaded with {loaded} tokens of context, not the {requested} asked for"
+        ),
         Event::Load { .. }
         | Event::Reasoning { .. }
         | Event::Delta { .. }
-        | Event::Queued { .. } => return,
+        | Event::Queued { .. }
+        // From a newer lmsd: nothing to say about it.
+        | Event::Unknown => return,
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -279,7 +289,11 @@ fn render_status(status: &StatusReport) -> String {
                         i.parallel.map_or("-".into(), |p| p.to_string())
                     ),
                     size(i.size_bytes),
-                    i.context_length.to_string(),
+                    // The engine may load another context than asked (LM Studio's auto-fit).
+                    match i.requested_context_length {
+                        Some(asked) => format!("{} (asked {asked})", i.context_length),
+                        None => i.context_length.to_string(),
+                    },
                     duration(i.idle_s),
                     i.ttl_left_s.map_or_else(|| "-".into(), duration),
                     if i.pinned { "yes".into() } else { "".into() },
@@ -447,6 +461,11 @@ fn print_chat(chat: &ChatOutcome, streamed: bool) {
         println!();
     } else {
         println!("{}", chat.content);
+    }
+    // Only kept replies have one (--store, a session, a continuation): say it beside the
+    // answer, not in it.
+    if let Some(response_id) = &chat.response_id {
+        eprintln!("response_id: {response_id}");
     }
 }
 

@@ -178,6 +178,11 @@ pub struct TasksConfig {
     /// A task's deadline when it does not set `timeout`.
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
+    /// While the engine cannot be reached (LM Studio restarting, say), a task waits this long
+    /// for it, trying it with backoff, before it fails with `backend_unreachable`; never past
+    /// its deadline. `"0"` fails at once.
+    #[serde(with = "humantime_serde")]
+    pub outage_wait: Duration,
 }
 
 impl Default for TasksConfig {
@@ -187,6 +192,7 @@ impl Default for TasksConfig {
             max_wait: Duration::from_secs(120),
             retries: 3,
             default_timeout: Duration::from_secs(600),
+            outage_wait: Duration::from_secs(30),
         }
     }
 }
@@ -648,6 +654,14 @@ impl Config {
         match self.backend.kind {
             EngineKind::Lmstudio => self.lmstudio.poll_interval,
             EngineKind::LlamaServer => self.llama_server.poll_interval,
+        }
+    }
+
+    /// How long a load or chat may take on the configured engine.
+    pub fn request_timeout(&self) -> Duration {
+        match self.backend.kind {
+            EngineKind::Lmstudio => self.lmstudio.request_timeout,
+            EngineKind::LlamaServer => self.llama_server.request_timeout,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The OpenAI-compatible front door (`[http] listen`): `GET /v1/models`,
 //! `POST /v1/chat/completions` (plain and streamed) and `POST /v1/embeddings`, every request run
 //! as a task through the same pool and queue as socket tasks. Agents that speak the OpenAI API
-//! use lmsd without new code.
+//! use lmsd without new code. A field lmsd cannot honour is refused with a 400 that names it,
+//! never dropped: an agent that asked for a JSON schema or tools must not get free text back.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -56,8 +57,16 @@ pub async fn serve(
 
 /// An error in OpenAI's shape, with the HTTP status its code calls for.
 fn error(wire: WireError) -> Response {
+    error_about(wire, None)
+}
+
+/// As [`error`], naming the request field at fault in `param`.
+fn error_about(wire: WireError, param: Option<&str>) -> Response {
     let status = match wire.code {
-        ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => StatusCode::BAD_REQUEST,
+        ErrorCode::BadRequest
+        | ErrorCode::UnsupportedVersion
+        | ErrorCode::SessionLost
+        | ErrorCode::ContextExceeded => StatusCode::BAD_REQUEST,
         ErrorCode::ModelNotFound => StatusCode::NOT_FOUND,
         ErrorCode::PermissionDenied => StatusCode::UNAUTHORIZED,
         ErrorCode::QueueFull => StatusCode::TOO_MANY_REQUESTS,
@@ -70,7 +79,7 @@ fn error(wire: WireError) -> Response {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     };
-    let body = json!({"error": {"message": wire.message, "type": wire.code, "code": wire.code, "param": null}});
+    let body = json!({"error": {"message": wire.message, "type": wire.code, "code": wire.code, "param": param}});
     (status, Json(body)).into_response()
 }
 
@@ -94,6 +103,26 @@ fn authorize(front: &Front, headers: &HeaderMap) -> Result<(), WireError> {
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, WireError> {
     serde_json::from_slice(body)
         .map_err(|e| WireError::bad_request(format!("invalid request body: {e}")))
+}
+
+/// Fields of OpenAI's requests that change nothing lmsd answers, so they may pass unread.
+const HARMLESS: [&str; 3] = ["user", "metadata", "store"];
+
+/// The first field of `rest` (what a body had beyond the fields lmsd reads) that lmsd cannot
+/// honour, as a 400 naming it.
+fn refuse_unsupported(rest: &serde_json::Map<String, Value>) -> Option<Response> {
+    let unsupported = rest.iter().find(|(key, value)| {
+        let single_choice = key.as_str() == "n" && value.as_u64() == Some(1);
+        !HARMLESS.contains(&key.as_str()) && !single_choice && !value.is_null()
+    });
+    unsupported.map(|(key, _)| {
+        error_about(
+            WireError::bad_request(format!(
+                "lmsd's front door does not support {key:?} yet, and would have to ignore it; leave it out"
+            )),
+            Some(key),
+        )
+    })
 }
 
 fn unix_now() -> u64 {
@@ -131,8 +160,12 @@ enum Content {
     Parts(Vec<Part>),
 }
 
+/// A content part: text only (images and audio are refused, not dropped).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Part {
+    #[serde(rename = "type")]
+    kind: String,
     #[serde(default)]
     text: Option<String>,
 }
@@ -148,12 +181,26 @@ impl Content {
                 .join("\n"),
         }
     }
+
+    /// The first part that is not text.
+    fn non_text(&self) -> Option<&str> {
+        match self {
+            Content::Text(_) => None,
+            Content::Parts(parts) => parts
+                .iter()
+                .find(|p| p.kind != "text")
+                .map(|p| p.kind.as_str()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct Message {
     role: String,
     content: Option<Content>,
+    /// Tool calls, names and the like: refused by name.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -162,7 +209,7 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The fields lmsd uses; OpenAI clients send more (top_p, n, …), which are accepted and ignored.
+/// The fields lmsd uses; anything else is in `rest`, and refused unless harmless.
 #[derive(Deserialize)]
 struct ChatCompletionBody {
     model: String,
@@ -173,11 +220,31 @@ struct ChatCompletionBody {
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
     stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 /// LM Studio's chat takes one input, no assistant turns: system messages become the system
 /// prompt, a single user message is the input, and a longer conversation becomes a transcript.
 fn chat_request(body: &ChatCompletionBody) -> Result<ChatRequest, WireError> {
+    for message in &body.messages {
+        if !["system", "developer", "user", "assistant"].contains(&message.role.as_str()) {
+            return Err(WireError::bad_request(format!(
+                "lmsd's front door does not support {:?} messages yet",
+                message.role
+            )));
+        }
+        if let Some(kind) = message.content.as_ref().and_then(Content::non_text) {
+            return Err(WireError::bad_request(format!(
+                "lmsd's front door takes text content only, not {kind:?} parts"
+            )));
+        }
+        if let Some((key, _)) = message.rest.iter().find(|(key, v)| !v.is_null() && key.as_str() != "name") {
+            return Err(WireError::bad_request(format!(
+                "lmsd's front door does not support {key:?} in messages yet"
+            )));
+        }
+    }
     let system: Vec<String> = body
         .messages
         .iter()
@@ -214,13 +281,8 @@ fn chat_request(body: &ChatCompletionBody) -> Result<ChatRequest, WireError> {
             .collect::<Vec<_>>()
             .join("\n\n"),
     };
-    if let Some(t) = body.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(WireError::bad_request(format!(
-                "temperature must be between 0 and 2, got {t}"
-            )));
-        }
-    }
+    // The temperature goes to the engine as given, not mapped from OpenAI's 0–2: the task
+    // refuses one outside the engine's range (LM Studio's is 0–1) and says so.
     Ok(ChatRequest {
         model: body.model.clone(),
         input,
@@ -249,6 +311,9 @@ async fn chat_completions(State(front): State<Front>, headers: HeaderMap, body: 
         Ok(body) => body,
         Err(wire) => return error(wire),
     };
+    if let Some(response) = refuse_unsupported(&body.rest) {
+        return response;
+    }
     let request = match chat_request(&body) {
         Ok(request) => request,
         Err(wire) => return error(wire),
@@ -364,10 +429,34 @@ enum EmbedInput {
     Many(Vec<String>),
 }
 
+#[derive(Deserialize, Default, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum EncodingFormat {
+    #[default]
+    Float,
+    /// Little-endian f32s, base64: what OpenAI's Python client asks for by default.
+    Base64,
+}
+
 #[derive(Deserialize)]
 struct EmbeddingsBody {
     model: String,
     input: EmbedInput,
+    #[serde(default)]
+    encoding_format: EncodingFormat,
+    /// `dimensions` among them: LM Studio answers it with empty vectors.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// A vector as OpenAI's `base64` encoding has it.
+fn base64_vector(vector: &[f64]) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = vector
+        .iter()
+        .flat_map(|x| (*x as f32).to_le_bytes())
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 async fn embeddings(State(front): State<Front>, headers: HeaderMap, body: Bytes) -> Response {
@@ -378,6 +467,10 @@ async fn embeddings(State(front): State<Front>, headers: HeaderMap, body: Bytes)
         Ok(body) => body,
         Err(wire) => return error(wire),
     };
+    if let Some(response) = refuse_unsupported(&body.rest) {
+        return response;
+    }
+    let base64 = body.encoding_format == EncodingFormat::Base64;
     let input = match body.input {
         EmbedInput::One(text) => vec![text],
         EmbedInput::Many(texts) => texts,
@@ -401,7 +494,14 @@ async fn embeddings(State(front): State<Front>, headers: HeaderMap, body: Bytes)
                 .embeddings
                 .iter()
                 .enumerate()
-                .map(|(index, embedding)| json!({"object": "embedding", "embedding": embedding, "index": index}))
+                .map(|(index, embedding)| {
+                    let embedding = if base64 {
+                        json!(base64_vector(embedding))
+                    } else {
+                        json!(embedding)
+                    };
+                    json!({"object": "embedding", "embedding": embedding, "index": index})
+                })
                 .collect();
             Json(json!({"object": "list", "data": data, "model": outcome.task.model, "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
                 .into_response()

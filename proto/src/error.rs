@@ -32,6 +32,12 @@ pub enum ErrorCode {
     PermissionDenied,
     /// A bug in lmsd; the message says what happened.
     Internal,
+    /// The engine no longer has the conversation a session or `previous_response_id`
+    /// continues (it restarted, or cleared its stored chats). The session is forgotten: its
+    /// next message starts a new conversation.
+    SessionLost,
+    /// The input does not fit the model's context; the message names both sizes.
+    ContextExceeded,
     /// A code this client does not know yet (sent by a newer daemon).
     #[serde(other)]
     Unknown,
@@ -39,7 +45,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this version of lmsd sends (all but `Unknown`).
-    pub const KNOWN: [ErrorCode; 13] = [
+    pub const KNOWN: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::UnsupportedVersion,
         ErrorCode::BackendUnreachable,
@@ -53,6 +59,8 @@ impl ErrorCode {
         ErrorCode::Cancelled,
         ErrorCode::PermissionDenied,
         ErrorCode::Internal,
+        ErrorCode::SessionLost,
+        ErrorCode::ContextExceeded,
     ];
 
     /// The snake_case name used on the wire.
@@ -71,6 +79,8 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
+            ErrorCode::SessionLost => "session_lost",
+            ErrorCode::ContextExceeded => "context_exceeded",
             ErrorCode::Unknown => "unknown",
         }
     }

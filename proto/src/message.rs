@@ -239,6 +239,11 @@ pub struct ChatRequest {
     /// Context length to load the model with, if this task loads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_length: Option<u32>,
+    /// Keep the reply on the engine so that it can be continued, and answer with its
+    /// `response_id`. Implied by `session` and `previous_response_id`; otherwise lmsd asks the
+    /// engine to keep nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub store: bool,
     #[serde(default, flatten)]
     pub options: TaskOptions,
 }
@@ -408,6 +413,18 @@ pub enum Event {
     },
     /// LM Studio became reachable or unreachable.
     Backend { reachable: bool },
+    /// An instance was loaded with another context length than lmsd asked for (LM Studio's
+    /// MLX auto-fit, or a llama.cpp load that shrank it): tasks that need more are not sent
+    /// to it.
+    ContextMismatch {
+        model: String,
+        instance_id: String,
+        requested: u32,
+        loaded: u32,
+    },
+    /// An event this client does not know yet (sent by a newer daemon): skip it.
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -507,6 +524,10 @@ pub struct InstanceStatus {
     pub context_length: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<u32>,
+    /// The context length lmsd asked for when it differs from `context_length`, the one the
+    /// engine really loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_context_length: Option<u32>,
     pub state: InstanceState,
     pub in_flight: u32,
     /// Seconds since its last task ended (0 while busy).

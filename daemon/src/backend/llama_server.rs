@@ -28,6 +28,7 @@ use super::{
 pub const CONVERSATIONS_MAX: usize = 4096;
 /// Text the kept replies may hold together (their earlier turns, shared, come on top).
 pub const CONVERSATIONS_MAX_BYTES: usize = 64 << 20;
+const LOAD_PATH: &str = "/models/load";
 /// How often a load or unload is checked on while the router carries it out.
 const STATE_POLL: Duration = Duration::from_millis(50);
 
@@ -135,6 +136,10 @@ impl Conversations {
             .cloned()
             .ok_or_else(|| BackendError::ConversationLost {
                 response_id: response_id.to_owned(),
+                why: format!(
+                    "on llama-server lmsd keeps conversations in memory (the newest {CONVERSATIONS_MAX} replies, {} MiB of text), and they end when lmsd restarts",
+                    CONVERSATIONS_MAX_BYTES >> 20
+                ),
             })
     }
 
@@ -225,18 +230,15 @@ impl LlamaServer {
 
     /// Asks the router to load or unload `model`; `Ok(false)` when it answers that this is done
     /// already (`already_done` is its message for that).
-    async fn ask(
-        &self,
-        path: &str,
-        model: &str,
-        limit: Limit,
-        already_done: &str,
-    ) -> Result<bool, BackendError> {
-        match self
-            .http
-            .post::<Success>(path, &json!({ "model": model }), limit)
-            .await
-        {
+    /// A load goes on a fresh connection and is never sent twice (see [`Http::post_load`]).
+    async fn ask(&self, path: &str, model: &str, already_done: &str) -> Result<bool, BackendError> {
+        let body = json!({ "model": model });
+        let sent = if path == LOAD_PATH {
+            self.http.post_load::<Success>(path, &body).await
+        } else {
+            self.http.post::<Success>(path, &body, Limit::Control).await
+        };
+        match sent {
             Ok(Success {}) => Ok(true),
             Err(BackendError::Api { message, .. }) if message.contains(already_done) => Ok(false),
             Err(error) => Err(error),
@@ -260,22 +262,14 @@ impl LlamaServer {
         let started = Instant::now();
         let deadline = started + self.http.timeout(Limit::Request);
         // Already running (loaded by someone else meanwhile) is what we wanted too.
-        self.ask(
-            "/models/load",
-            &body.model,
-            Limit::Request,
-            "already running",
-        )
-        .await?;
+        self.ask(LOAD_PATH, &body.model, "already running").await?;
         loop {
             match self.state(&body.model).await? {
                 Some(model) if model.is_loaded() => break,
                 Some(model) if model.status.value == "loading" => {}
                 // Back to unloaded without having loaded: the child failed to start.
                 Some(_) | None => {
-                    return Err(BackendError::Api {
-                        status: 500,
-                        kind: None,
+                    return Err(BackendError::LoadFailed {
                         message: format!(
                             "llama-server could not load {:?} (its log says why)",
                             body.model
@@ -301,7 +295,7 @@ impl LlamaServer {
     pub async fn unload(&self, instance_id: &str) -> Result<(), BackendError> {
         let deadline = Instant::now() + self.http.timeout(Limit::Control);
         if !self
-            .ask("/models/unload", instance_id, Limit::Control, "not running")
+            .ask("/models/unload", instance_id, "not running")
             .await?
         {
             return Ok(());
@@ -359,15 +353,18 @@ impl LlamaServer {
         reasoning: String,
         usage: Usage,
     ) -> ChatReply {
-        let system = match &history {
-            Some(_) => None,
-            None => body.system_prompt.clone(),
-        };
-        let response_id = self.lock_conversations().record(Turn {
-            parent: history,
-            system,
-            user: body.input.clone(),
-            assistant: message.clone(),
+        // Kept only when asked for: a one-shot chat leaves nothing behind, as on LM Studio.
+        let response_id = body.store.then(|| {
+            let system = match &history {
+                Some(_) => None,
+                None => body.system_prompt.clone(),
+            };
+            self.lock_conversations().record(Turn {
+                parent: history,
+                system,
+                user: body.input.clone(),
+                assistant: message.clone(),
+            })
         });
         let mut output = Vec::with_capacity(2);
         if !reasoning.is_empty() {
@@ -382,7 +379,7 @@ impl LlamaServer {
                 total_output_tokens: usage.completion_tokens,
                 ..ChatStats::default()
             },
-            response_id: Some(response_id),
+            response_id,
         }
     }
 
@@ -650,6 +647,7 @@ mod tests {
             max_output_tokens: None,
             previous_response_id: None,
             stream: false,
+            store: true,
         }
     }
 

@@ -88,6 +88,9 @@ pub struct LoadBody {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LoadReply {
+    /// `model_instance_id` in the docs before 0.4.0: an unreadable load reply would count as a
+    /// lost one.
+    #[serde(alias = "model_instance_id")]
     pub instance_id: String,
     #[serde(default)]
     pub load_time_seconds: f64,
@@ -115,6 +118,9 @@ pub struct ChatBody {
     pub previous_response_id: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+    /// Keep the reply on the engine, so a later chat can continue it (LM Studio's default is
+    /// true; lmsd asks for it only when a task continues or may be continued).
+    pub store: bool,
 }
 
 impl std::fmt::Debug for ChatBody {
@@ -250,9 +256,7 @@ impl LmStudio {
     }
 
     pub async fn load(&self, body: &LoadBody) -> Result<LoadReply, BackendError> {
-        self.http
-            .post("/api/v1/models/load", body, Limit::Request)
-            .await
+        self.http.post_load("/api/v1/models/load", body).await
     }
 
     /// Unloads one instance. `instance_id` must come from `loaded_instances[].id`.
@@ -268,7 +272,10 @@ impl LmStudio {
     }
 
     pub async fn chat(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
-        self.http.post("/api/v1/chat", body, Limit::Request).await
+        self.http
+            .post("/api/v1/chat", body, Limit::Request)
+            .await
+            .map_err(|e| continuation_error(e, body))
     }
 
     /// A streamed chat: SSE events go to `on_event` as they come; the result is `chat.end`'s.
@@ -281,11 +288,18 @@ impl LmStudio {
         F: FnMut(StreamEvent) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let mut body = body.clone();
-        body.stream = true;
-        let (status, mut events) = match self.http.post_stream("/api/v1/chat", &body).await? {
+        let mut streamed = body.clone();
+        streamed.stream = true;
+        let opened = self
+            .http
+            .post_stream("/api/v1/chat", &streamed)
+            .await
+            .map_err(|e| continuation_error(e, body))?;
+        let (status, mut events) = match opened {
             Opened::Events(status, events) => (status, events),
-            Opened::Body(status, bytes) => return decode_reply(status, &bytes),
+            Opened::Body(status, bytes) => {
+                return decode_reply(status, &bytes).map_err(|e| continuation_error(e, body))
+            }
         };
         let mut stream_error = None;
         while let Some(event) = events.next().await {
@@ -293,7 +307,7 @@ impl LmStudio {
             let data: Value =
                 serde_json::from_str(&event.data).map_err(|e| BackendError::Malformed {
                     status,
-                    detail: format!("invalid JSON in {} event: {e}", event.event),
+                    detail: format!("invalid JSON in {:?} event: {e}", event.event),
                 })?;
             let text = |key: &str| {
                 data.get(key)
@@ -301,7 +315,13 @@ impl LmStudio {
                     .unwrap_or_default()
                     .to_owned()
             };
-            match event.event.as_str() {
+            // Every data object carries its event's name in `type` too: a frame without an
+            // `event:` line (named `message` by SSE) still says what it is.
+            let name = match event.event.as_str() {
+                "" | "message" => data.get("type").and_then(Value::as_str).unwrap_or_default(),
+                name => name,
+            };
+            match name {
                 "model_load.progress" => {
                     let progress = data.get("progress").and_then(Value::as_f64).unwrap_or(0.0);
                     on_event(StreamEvent::LoadProgress {
@@ -317,7 +337,7 @@ impl LmStudio {
                 }
                 "chat.end" => {
                     if let Some(error) = stream_error {
-                        return Err(error);
+                        return Err(continuation_error(error, body));
                     }
                     let result = data.get("result").cloned().unwrap_or(Value::Null);
                     return serde_json::from_value(result).map_err(|e| BackendError::Malformed {
@@ -332,6 +352,14 @@ impl LmStudio {
             status,
             detail: "the event stream ended before chat.end".into(),
         }))
+    }
+}
+
+/// On a continuation, an error saying the stored response is gone is a lost conversation.
+fn continuation_error(error: BackendError, body: &ChatBody) -> BackendError {
+    match &body.previous_response_id {
+        Some(id) => error.for_continuation(id),
+        None => error,
     }
 }
 
@@ -379,6 +407,13 @@ mod tests {
         .unwrap();
         assert_eq!(reply.instance_id, "openai/gpt-oss-20b");
         assert_eq!(reply.load_config.unwrap().context_length, Some(16384));
+        // The pre-0.4.0 name of the id.
+        let beta: LoadReply = decode_reply(
+            200,
+            br#"{"type":"llm","model_instance_id":"m","load_time_seconds":1.0,"status":"loaded"}"#,
+        )
+        .unwrap();
+        assert_eq!(beta.instance_id, "m");
     }
 
     #[test]

@@ -24,8 +24,16 @@ const UNLOAD_ROUNDS: u32 = 5;
 const EVICTIONS_KEPT: usize = 16;
 /// How often TTLs, deadlines and the poll clock are checked.
 const TICK: Duration = Duration::from_millis(100);
-/// Parallel slots of an instance until LM Studio reports its `config.parallel`.
-const DEFAULT_PARALLEL: u32 = 4;
+/// Parallel slots of an instance until the engine reports its `config.parallel`, and when it
+/// never does: LM Studio leaves it out for embedding models, which serve one request at a time,
+/// and MLX models report 1 and crash under concurrent requests (bug tracker #2255).
+const DEFAULT_PARALLEL: u32 = 1;
+/// How long lmsd links an instance the engine loaded on its own to the chats that caused it.
+const JIT_WINDOW: Duration = Duration::from_secs(60);
+/// Catalogue reads while the engine is unreachable and tasks wait for it: this, doubling, …
+const OUTAGE_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// … up to this.
+const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Waiting this long raises a task's priority by one level, so batch work cannot starve.
 const AGING_STEP: Duration = Duration::from_secs(30);
 /// Waiters visited after an event other than the clock tick (see `pump`).
@@ -40,6 +48,8 @@ struct Instance {
     model: String,
     size_bytes: u64,
     context_length: u32,
+    /// The context length lmsd asked for, when it loaded the instance with one.
+    requested_context: Option<u32>,
     parallel: u32,
     loaded_by: LoadedBy,
     /// A TTL set by a task or load request; otherwise the model's or the pool's applies, so a
@@ -65,6 +75,10 @@ struct PendingLoad {
     size_bytes: u64,
     context_length: Option<u32>,
     ttl_override: Option<Ttl>,
+    /// The load's reply was lost (timeout, cut connection, unreadable): it may still finish on
+    /// the engine, so lmsd waits for its instance to appear rather than load again (which
+    /// would make `key:2`). Since when, and what went wrong.
+    orphaned: Option<(Instant, BackendError)>,
 }
 
 /// Work waiting on the pool's state: served, in order, by `pump`.
@@ -89,6 +103,8 @@ struct Waiter {
     enqueued: Instant,
     /// Load setting for a load this waiter causes.
     context_length: Option<u32>,
+    /// Context the task needs of its instance.
+    min_context: Option<u32>,
     progress: Option<mpsc::Sender<PoolProgress>>,
     /// Last queue position reported (0: none yet).
     position: u32,
@@ -152,6 +168,10 @@ struct Actor {
     /// Ids of lmsd's instances that vanished: when LM Studio brings one back (a just-in-time
     /// reload for a chat that was running on it), it is lmsd's again.
     recently_vanished: HashMap<String, Instant>,
+    /// Models a chat's reply said the engine loaded just in time, and when.
+    engine_loaded: HashMap<String, Instant>,
+    /// Catalogue reads that failed in a row.
+    failed_reads: u32,
     next_serial: u64,
     /// Set by `Drain`: no new tasks start.
     stopping: bool,
@@ -201,6 +221,8 @@ pub(super) async fn run(
         sizeless: BTreeSet::new(),
         recently_unloaded: HashMap::new(),
         recently_vanished: HashMap::new(),
+        engine_loaded: HashMap::new(),
+        failed_reads: 0,
         next_serial: 1,
         stopping: false,
         adopt: BTreeSet::new(),
@@ -259,6 +281,11 @@ impl Waiter {
     fn fail(self, error: PoolError) {
         self.waiting.fail(error);
     }
+
+    /// A task or load, which waits out a short engine outage rather than fail at once.
+    fn waits_for_engine(&self) -> bool {
+        matches!(self.waiting, Waiting::Acquire(_) | Waiting::Load(..))
+    }
 }
 
 impl Waiting {
@@ -283,6 +310,21 @@ impl Actor {
                 return;
             }
             Command::RefreshSoon => {
+                self.request_read();
+                return;
+            }
+            Command::EngineLoaded { model } => {
+                // Instances of it that a read already listed as outside came from that load
+                // (or from others racing it, `key:2`…): they are lmsd's.
+                for instance in self.instances.iter_mut().filter(|i| {
+                    i.model == model
+                        && i.loaded_by == LoadedBy::Outside
+                        && now.saturating_duration_since(i.added_at) < JIT_WINDOW
+                }) {
+                    tracing::info!(instance = %instance.id, model = %model, "adopted an instance the engine loaded just in time for lmsd's chats");
+                    instance.loaded_by = LoadedBy::Lmsd;
+                }
+                self.engine_loaded.insert(model, now);
                 self.request_read();
                 return;
             }
@@ -340,16 +382,24 @@ impl Actor {
                     let _ = reply.send(Err(PoolError::QueueFull(queued)));
                     return;
                 }
+                // An engine believed down is tried again for this task: a read started now, not
+                // one begun before the engine came back, decides.
+                let needs_read = if self.reachable {
+                    0
+                } else {
+                    self.request_read()
+                };
                 self.waiters.push_back(Waiter {
                     model: request.model,
                     ttl: request.ttl,
                     priority: request.priority,
                     enqueued: now,
                     context_length: request.context_length,
+                    min_context: request.min_context,
                     progress: request.progress,
                     position: 0,
                     heard_load: false,
-                    needs_read: 0,
+                    needs_read,
                     deadline: request.deadline,
                     load_seen: None,
                     waiting: Waiting::Acquire(reply),
@@ -394,6 +444,7 @@ impl Actor {
             priority: Priority::Interactive,
             enqueued: now,
             context_length: None,
+            min_context: None,
             progress: None,
             position: 0,
             heard_load: false,
@@ -547,6 +598,7 @@ impl Actor {
                 size_bytes: model.size_bytes,
                 context_length: body.context_length,
                 ttl_override,
+                orphaned: None,
             },
         );
         let backend = self.backend.clone();
@@ -591,8 +643,13 @@ impl Actor {
                 self.reading = false;
                 self.completed_read = seq;
                 self.next_poll = now + self.settings.poll_interval;
+                if self.loads.values().any(|l| l.orphaned.is_some()) {
+                    // A lost load's instance should show up soon: look more often.
+                    self.next_poll = self.next_poll.min(now + Duration::from_secs(1));
+                }
                 match result {
                     Ok(models) => {
+                        self.failed_reads = 0;
                         if !self.reachable {
                             tracing::info!(
                                 url = self.backend.url(),
@@ -613,6 +670,26 @@ impl Actor {
                         self.reconcile(started, now);
                     }
                     Err(error) => {
+                        self.failed_reads += 1;
+                        if self.waiters.iter().any(Waiter::waits_for_engine) {
+                            // Tasks wait for the engine to come back (LM Studio restarting):
+                            // try it again soon, backing off.
+                            let retry = OUTAGE_RETRY_FIRST
+                                .saturating_mul(1 << self.failed_reads.min(8).saturating_sub(1))
+                                .min(OUTAGE_RETRY_MAX);
+                            self.next_poll = self.next_poll.min(now + retry);
+                        }
+                        // A load whose reply was lost went down with the engine.
+                        let lost: Vec<String> = self
+                            .loads
+                            .iter()
+                            .filter(|(_, l)| l.orphaned.is_some())
+                            .map(|(key, _)| key.clone())
+                            .collect();
+                        for key in lost {
+                            tracing::warn!(model = %key, "the engine went away while a load's reply was lost; that load is given up");
+                            self.loads.remove(&key);
+                        }
                         let changed = self.last_error.as_ref().map(ToString::to_string)
                             != Some(error.to_string());
                         if self.reachable || changed {
@@ -638,10 +715,21 @@ impl Actor {
                 let pending = self.loads.remove(&model);
                 match result {
                     Ok(reply) => self.loaded(&model, reply, pending, took, now),
-                    // LM Studio's memory is not lmsd's budget: if it ran out, make more room
-                    // while something can give way, and try again (the waiters still wait).
-                    Err(BackendError::OutOfMemory { .. }) if self.evict_one_for_memory(now) => {
-                        tracing::warn!(model = %model, "the engine ran out of memory loading; evicting one more instance and retrying");
+                    // LM Studio's memory is not lmsd's budget: if it ran out (or a load failed
+                    // the way LM Studio reports running out), make more room while something
+                    // can give way, and try again (the waiters still wait).
+                    Err(error) if error.may_be_memory() && self.evict_one_for_memory(now) => {
+                        tracing::warn!(model = %model, %error, "the load failed, maybe for lack of memory; evicting one more instance and retrying");
+                    }
+                    // The reply was lost, not the load: it may still finish on the engine. Wait
+                    // for its instance to appear and adopt it; loading again would make a
+                    // second one.
+                    Err(error) if error.reply_lost() => {
+                        tracing::warn!(model = %model, %error, "the load's reply was lost; waiting for its instance to appear rather than loading again");
+                        if let Some(mut pending) = pending {
+                            pending.orphaned = Some((now, error));
+                            self.loads.insert(model.clone(), pending);
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(model = %model, %error, "load failed");
@@ -693,11 +781,10 @@ impl Actor {
             load_ms: took.as_millis().try_into().unwrap_or(u64::MAX),
         });
         let ttl_override = pending.as_ref().and_then(|p| p.ttl_override);
-        let context_length = reply
-            .load_config
-            .and_then(|c| c.context_length)
-            .or(pending.as_ref().and_then(|p| p.context_length))
-            .unwrap_or(0);
+        let requested_context = pending.as_ref().and_then(|p| p.context_length);
+        let echoed = reply.load_config.and_then(|c| c.context_length);
+        let context_length = echoed.or(requested_context).unwrap_or(0);
+        self.note_context(model, &reply.instance_id, requested_context, echoed);
         let size_bytes = pending.map_or(0, |p| p.size_bytes);
         // A catalogue read may already have listed it as an outside instance: adopt it.
         if let Some(known) = self
@@ -716,6 +803,7 @@ impl Actor {
                 model: model.to_owned(),
                 size_bytes,
                 context_length,
+                requested_context,
                 parallel: DEFAULT_PARALLEL,
                 loaded_by: LoadedBy::Lmsd,
                 ttl_override,
@@ -731,6 +819,28 @@ impl Actor {
         }
         for waiter in self.waiters.iter_mut().filter(|w| w.model == model) {
             waiter.load_seen = Some(took);
+        }
+    }
+
+    /// Says so when the engine loaded another context length than lmsd asked for (MLX auto-fit,
+    /// a llama.cpp load that shrank it).
+    fn note_context(
+        &self,
+        model: &str,
+        instance_id: &str,
+        requested: Option<u32>,
+        loaded: Option<u32>,
+    ) {
+        if let (Some(requested), Some(loaded)) = (requested, loaded) {
+            if requested != loaded {
+                tracing::warn!(model, instance = %instance_id, requested, loaded, "the engine loaded another context length than lmsd asked for; tasks that need more will not be sent to this instance");
+                self.observers.emit(Event::ContextMismatch {
+                    model: model.to_owned(),
+                    instance_id: instance_id.to_owned(),
+                    requested,
+                    loaded,
+                });
+            }
         }
     }
 
@@ -829,6 +939,8 @@ impl Actor {
             .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
         self.recently_unloaded
             .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        self.engine_loaded
+            .retain(|_, at| now.duration_since(*at) < JIT_WINDOW);
         let catalogue = self.catalogue.clone();
         let listed: BTreeSet<&str> = catalogue
             .iter()
@@ -856,6 +968,8 @@ impl Actor {
         for model in catalogue.iter() {
             for listed in &model.loaded_instances {
                 if let Some(known) = self.instances.iter_mut().find(|i| i.id == listed.id) {
+                    // The listed value is the one in force, and can change after the first
+                    // prompt (bug tracker #2346).
                     known.context_length = listed.config.context_length;
                     known.parallel = listed.config.parallel.unwrap_or(DEFAULT_PARALLEL).max(1);
                     known.size_bytes = model.size_bytes;
@@ -873,22 +987,55 @@ impl Actor {
                 if adopted {
                     tracing::info!(instance = %listed.id, model = %model.key, "adopted an instance lmsd loaded before it restarted");
                 }
-                let returned = self.recently_vanished.remove(&listed.id).is_some() || adopted;
+                // A load whose reply was lost has finished after all: its instance is lmsd's.
+                let orphan = self
+                    .loads
+                    .get(&model.key)
+                    .is_some_and(|l| l.orphaned.is_some())
+                    .then(|| self.loads.remove(&model.key))
+                    .flatten();
+                let (mut requested_context, mut ttl_override) = (None, None);
+                if let Some(orphan) = &orphan {
+                    tracing::info!(instance = %listed.id, model = %model.key, "the load whose reply was lost finished; adopted its instance");
+                    requested_context = orphan.context_length;
+                    ttl_override = orphan.ttl_override;
+                    self.note_context(
+                        &model.key,
+                        &listed.id,
+                        requested_context,
+                        Some(listed.config.context_length),
+                    );
+                    for waiter in self.waiters.iter_mut().filter(|w| w.model == model.key) {
+                        waiter.load_seen = Some(Duration::ZERO);
+                    }
+                }
+                // The engine loaded it just in time for lmsd's chats.
+                let jit = self.engine_loaded.contains_key(&model.key);
+                if jit {
+                    tracing::info!(instance = %listed.id, model = %model.key, "adopted an instance the engine loaded just in time for lmsd's chats");
+                }
+                let returned = self.recently_vanished.remove(&listed.id).is_some()
+                    || adopted
+                    || orphan.is_some()
+                    || jit;
                 let serial = self.serial();
-                tracing::info!(instance = %listed.id, model = %model.key, duplicate, "instance loaded outside lmsd");
+                if !returned {
+                    tracing::info!(instance = %listed.id, model = %model.key, duplicate, "instance loaded outside lmsd");
+                }
                 self.instances.push(Instance {
                     serial,
                     id: listed.id.clone(),
                     model: model.key.clone(),
                     size_bytes: model.size_bytes,
                     context_length: listed.config.context_length,
+                    requested_context,
                     parallel: listed.config.parallel.unwrap_or(DEFAULT_PARALLEL).max(1),
                     loaded_by: if returned {
                         LoadedBy::Lmsd
                     } else {
                         LoadedBy::Outside
                     },
-                    ttl_override: None,
+                    ttl_override,
                     in_flight: 0,
                     last_used: now,
                     added_at: now,
@@ -1048,6 +1195,8 @@ impl Actor {
         for id in drained {
             self.start_unload(&id, "unload");
         }
+        self.give_up_lost_loads(now);
+        self.unload_duplicates();
         self.keep_pins_and_preloads(now);
         // Served by priority, aged so that waiting long enough beats any priority; then by age.
         let rank = |w: &Waiter| {
@@ -1083,6 +1232,55 @@ impl Actor {
         }
         if full {
             self.report_positions();
+        }
+    }
+
+    /// Loads whose reply was lost and whose instance has not appeared within `orphan_wait`
+    /// did not happen: their waiters hear why.
+    fn give_up_lost_loads(&mut self, now: Instant) {
+        let wait = self.settings.orphan_wait;
+        let given_up: Vec<(String, BackendError)> = self
+            .loads
+            .iter()
+            .filter_map(|(key, load)| match &load.orphaned {
+                Some((since, error)) if now.saturating_duration_since(*since) >= wait => {
+                    Some((key.clone(), error.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (key, error) in given_up {
+            tracing::warn!(model = %key, %error, "the load whose reply was lost never showed an instance; giving it up");
+            self.loads.remove(&key);
+            self.observers.emit(Event::LoadFailed {
+                model: key.clone(),
+                error: error.to_string(),
+            });
+            self.fail_waiters_for(&key, &PoolError::Backend(error));
+        }
+    }
+
+    /// More instances of a model than lmsd keeps (`max_instances`), all lmsd's: the engine's
+    /// just-in-time loads racing each other (`key:2`, `key:3`, bug tracker #1751). The newest
+    /// idle ones go.
+    fn unload_duplicates(&mut self) {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut extra = Vec::new();
+        let mut own: Vec<&Instance> = self
+            .instances
+            .iter()
+            .filter(|i| i.loaded_by == LoadedBy::Lmsd && i.unloading.is_none() && !i.draining)
+            .collect();
+        own.sort_by_key(|i| i.serial);
+        for instance in own {
+            let count = seen.entry(instance.model.as_str()).or_default();
+            *count += 1;
+            if *count > self.settings.max_instances && instance.in_flight == 0 {
+                extra.push(instance.id.clone());
+            }
+        }
+        for id in extra {
+            self.start_unload(&id, "duplicate");
         }
     }
 
@@ -1209,6 +1407,11 @@ impl Actor {
             return Step::Wait;
         }
         if !self.reachable {
+            // A short outage (LM Studio restarting) is waited out, up to `outage_wait`.
+            let waited = now.saturating_duration_since(waiter.enqueued);
+            if waiter.waits_for_engine() && waited < self.settings.outage_wait {
+                return Step::Wait;
+            }
             let error = self
                 .last_error
                 .clone()
@@ -1238,9 +1441,13 @@ impl Actor {
                     (Ok(()), Waiting::Models(reply)) => {
                         drop(reply.send(Ok(self.catalogue.clone())))
                     }
-                    (Ok(()), Waiting::Acquire(reply)) => {
-                        self.grant(&waiter.model, waiter.ttl, waiter.load_seen, reply)
-                    }
+                    (Ok(()), Waiting::Acquire(reply)) => self.grant(
+                        &waiter.model,
+                        waiter.ttl,
+                        waiter.load_seen,
+                        waiter.min_context.unwrap_or(0),
+                        reply,
+                    ),
                     (Ok(()), Waiting::Load(request, reply)) => {
                         drop(reply.send(Ok(self.load_outcome(&request, waiter.load_seen))))
                     }
@@ -1297,11 +1504,21 @@ impl Actor {
     /// needed; `None` to keep waiting.
     fn serve_acquire(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
         let name = self.waiters[index].model.clone();
+        let need = self.waiters[index].min_context.unwrap_or(0);
         let usable = |i: &Instance| i.unloading.is_none() && !i.draining && !i.swap_out;
+        let too_small = |i: &Instance| PoolError::ContextTooSmall {
+            model: i.model.clone(),
+            instance_id: i.id.clone(),
+            context_length: i.context_length,
+            need,
+        };
         // An instance id names that instance only (the first instance's id is the model key:
         // a key means any instance of the model).
         if !self.is_model_key(&name) {
             if let Some(instance) = self.instances.iter().find(|i| i.id == name && usable(i)) {
+                if !fits_context(instance, need) {
+                    return Some(Err(too_small(instance)));
+                }
                 return (instance.in_flight < instance.parallel).then_some(Ok(()));
             }
         }
@@ -1311,12 +1528,24 @@ impl Actor {
         let (count, free_slot) = self
             .instances
             .iter()
-            .filter(|i| i.model == model.key && usable(i))
+            .filter(|i| i.model == model.key && usable(i) && fits_context(i, need))
             .fold((0, false), |(count, free), i| {
                 (count + 1, free || i.in_flight < i.parallel)
             });
         if free_slot {
             return Some(Ok(()));
+        }
+        if count == 0 && !self.loads.contains_key(&model.key) {
+            // Instances there are, but too small for this task (the engine loaded less
+            // context than asked, or another task chose it): fail now, with both sizes.
+            if let Some(largest) = self
+                .instances
+                .iter()
+                .filter(|i| i.model == model.key && usable(i))
+                .max_by_key(|i| i.context_length)
+            {
+                return Some(Err(too_small(largest)));
+            }
         }
         if count > 0 {
             // Every slot is busy. A further instance, on purpose, when the config allows it and it
@@ -1331,12 +1560,32 @@ impl Actor {
         }
         let waiter = &self.waiters[index];
         let ttl = waiter.ttl;
-        let settings = waiter.context_length.map(|context_length| LoadRequest {
-            model: model.key.clone(),
-            context_length: Some(context_length),
-            ..LoadRequest::default()
-        });
+        let settings = waiter
+            .context_length
+            .or_else(|| self.context_to_load(&model, need))
+            .map(|context_length| LoadRequest {
+                model: model.key.clone(),
+                context_length: Some(context_length),
+                ..LoadRequest::default()
+            });
         self.ensure_loading(index, &model, settings.as_ref(), ttl, now)
+    }
+
+    /// The context to load `model` with for a task that needs `need` tokens, when the engine's
+    /// default (LM Studio's is usually 4096) and the configured one may be too small.
+    fn context_to_load(&self, model: &Model, need: u32) -> Option<u32> {
+        const ENGINE_DEFAULT: u32 = 4096;
+        let configured = self
+            .settings
+            .models
+            .get(&model.key)
+            .and_then(|m| m.context_length);
+        let enough = configured.unwrap_or(ENGINE_DEFAULT) >= need;
+        if enough || self.backend.accept_load_settings(true).is_err() {
+            return None;
+        }
+        let wanted = need.div_ceil(1024).saturating_mul(1024);
+        Some(model.max_context_length.map_or(wanted, |max| wanted.min(max)))
     }
 
     fn serve_load(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
@@ -1475,6 +1724,7 @@ impl Actor {
         name: &str,
         ttl: Option<Ttl>,
         load_seen: Option<Duration>,
+        need: u32,
         reply: Reply<Lease>,
     ) {
         let by_key = self.is_model_key(name);
@@ -1489,7 +1739,7 @@ impl Actor {
                 }
             })
             .filter(|i| i.unloading.is_none() && !i.draining && !i.swap_out)
-            .filter(|i| i.in_flight < i.parallel)
+            .filter(|i| i.in_flight < i.parallel && fits_context(i, need))
             .min_by_key(|i| i.in_flight);
         let Some(instance) = chosen else {
             let _ = reply.send(Err(self.not_found(name.to_owned())));
@@ -1566,6 +1816,9 @@ impl Actor {
                     model: i.model.clone(),
                     size_bytes: i.size_bytes,
                     context_length: i.context_length,
+                    requested_context_length: i
+                        .requested_context
+                        .filter(|requested| *requested != i.context_length),
                     parallel: Some(i.parallel),
                     state,
                     in_flight: i.in_flight,
@@ -1583,6 +1836,7 @@ impl Actor {
                 model: key.clone(),
                 size_bytes: load.size_bytes,
                 context_length: load.context_length.unwrap_or(0),
+                requested_context_length: None,
                 parallel: None,
                 state: InstanceState::Loading,
                 in_flight: 0,
@@ -1618,15 +1872,18 @@ impl Actor {
     }
 }
 
+/// Whether an instance has the context a task needs (0: its context is not known).
+fn fits_context(instance: &Instance, need: u32) -> bool {
+    instance.context_length == 0 || instance.context_length >= need
+}
+
 /// Unloads `id` (an id read from `loaded_instances`), then re-reads the catalogue and repeats
 /// until LM Studio no longer lists it. Returns the rounds it took.
 async fn unload_verified(backend: &Backend, id: &str) -> Result<u32, PoolError> {
     for round in 1..=UNLOAD_ROUNDS {
-        match backend.unload(id).await {
-            // Already gone: what we wanted.
-            Ok(()) | Err(BackendError::ModelNotFound { .. }) => {}
-            Err(error) => return Err(PoolError::Backend(error)),
-        }
+        // An error may only mean the instance is gone already (a TTL, auto-evict or crash a
+        // moment before; LM Studio documents no status for it): the listing decides.
+        let unloaded = backend.unload(id).await;
         let models = backend.models().await?;
         let still_listed = models
             .iter()
@@ -1634,6 +1891,9 @@ async fn unload_verified(backend: &Backend, id: &str) -> Result<u32, PoolError> 
             .any(|i| i.id == id);
         if !still_listed {
             return Ok(round);
+        }
+        if let Err(error) = unloaded {
+            return Err(PoolError::Backend(error));
         }
         tracing::warn!(instance = %id, round, "instance still listed after unload; retrying");
         tokio::time::sleep(Duration::from_millis(50 * u64::from(round))).await;

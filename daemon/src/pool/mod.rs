@@ -34,6 +34,10 @@ pub struct PoolSettings {
     pub turn_hold: Duration,
     pub max_queue: usize,
     pub max_instances: usize,
+    /// How long tasks wait for an engine that cannot be reached.
+    pub outage_wait: Duration,
+    /// How long a load whose reply was lost may still finish on the engine (and be adopted).
+    pub orphan_wait: Duration,
     /// Where the ids of lmsd's own instances are kept, so that a restarted lmsd adopts them.
     pub owned_file: Option<std::path::PathBuf>,
 }
@@ -54,6 +58,8 @@ impl PoolSettings {
             turn_hold: config.pool.turn_hold,
             max_queue: config.tasks.max_queue,
             max_instances: config.pool.max_instances,
+            outage_wait: config.tasks.outage_wait,
+            orphan_wait: config.request_timeout(),
             owned_file: config.state_file("instances.json"),
         })
     }
@@ -135,6 +141,13 @@ pub enum PoolError {
     QueueFull(usize),
     #[error("the task's deadline passed while it waited in the queue")]
     DeadlineExceeded,
+    #[error("{model}'s instance {instance_id} has {context_length} tokens of context, and the task needs about {need}; load it with a larger context_length (`lmsd-ctl unload {model}`, then `lmsd-ctl load {model} --context-length N`) or choose another model")]
+    ContextTooSmall {
+        model: String,
+        instance_id: String,
+        context_length: u32,
+        need: u32,
+    },
     #[error("{0}")]
     Config(String),
 }
@@ -184,6 +197,8 @@ pub struct AcquireRequest {
     pub deadline: Instant,
     /// Load setting for a load this request causes.
     pub context_length: Option<u32>,
+    /// Context the task needs of its instance: smaller instances are not used for it.
+    pub min_context: Option<u32>,
     /// Where to report the queue position and loads while it waits.
     pub progress: Option<mpsc::Sender<PoolProgress>>,
 }
@@ -255,6 +270,10 @@ enum Command {
         reply: oneshot::Sender<PoolStatus>,
     },
     RefreshSoon,
+    /// A chat's reply says the engine loaded the model itself (just in time).
+    EngineLoaded {
+        model: String,
+    },
     Reconfigure {
         settings: Box<PoolSettings>,
         reply: Reply<()>,
@@ -281,6 +300,7 @@ impl std::fmt::Debug for Command {
             Command::Models { .. } => "Models",
             Command::Status { .. } => "Status",
             Command::RefreshSoon => "RefreshSoon",
+            Command::EngineLoaded { .. } => "EngineLoaded",
             Command::Reconfigure { .. } => "Reconfigure",
             Command::UnloadOwn { .. } => "UnloadOwn",
             Command::Drain => "Drain",
@@ -355,6 +375,14 @@ impl PoolHandle {
     /// After a backend error: re-read the catalogue soon, without waiting for it.
     pub fn refresh_soon(&self) {
         let _ = self.commands.try_send(Command::RefreshSoon);
+    }
+
+    /// A chat on `model` made the engine load it just in time, behind lmsd's back: the pool
+    /// re-reads the catalogue and adopts what that load (and any racing it) left.
+    pub fn engine_loaded(&self, model: &str) {
+        let _ = self.commands.try_send(Command::EngineLoaded {
+            model: model.to_owned(),
+        });
     }
 }
 

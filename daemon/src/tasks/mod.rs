@@ -21,13 +21,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{
-    Backend, BackendError, ChatBody, ChatReply, Model, ModelType, StreamEvent, TextSource,
+    same_model, Backend, BackendError, ChatBody, ChatReply, Model, ModelType, StreamEvent,
+    TextSource,
 };
 use crate::config::Config;
 use crate::pool::{AcquireRequest, Lease, PoolError, PoolHandle, PoolProgress};
 use choice::{Candidate, PoolView};
 use registry::{Registry, TaskHandle};
-use sessions::Sessions;
+use sessions::{Sessions, SystemPrompt};
 
 /// Why a request failed. Mapped to wire codes in one place: [`TaskError::to_wire`].
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +47,15 @@ pub enum TaskError {
     Cancelled,
     /// The engine's conversation behind a session is gone (see
     /// [`BackendError::ConversationLost`]); the session is forgotten so it can start afresh.
-    #[error("session {session:?} lost its conversation ({source}); lmsd has forgotten the session, so the next message starts it afresh")]
+    #[error("session {session:?} lost its conversation on {model} ({source}); lmsd has forgotten it, so the session's next message starts a new conversation")]
     SessionLost {
         session: String,
+        model: String,
         source: BackendError,
     },
+    /// A request lmsd refuses before it reaches the engine.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 fn backend_code(error: &BackendError) -> ErrorCode {
@@ -59,11 +64,13 @@ fn backend_code(error: &BackendError) -> ErrorCode {
             ErrorCode::BackendUnreachable
         }
         BackendError::ModelNotFound { .. } => ErrorCode::ModelNotFound,
-        BackendError::Unsupported { .. } | BackendError::ConversationLost { .. } => {
-            ErrorCode::BadRequest
-        }
+        BackendError::Unsupported { .. } => ErrorCode::BadRequest,
+        BackendError::ConversationLost { .. } => ErrorCode::SessionLost,
+        BackendError::ContextExceeded { .. } => ErrorCode::ContextExceeded,
         BackendError::OutOfMemory { .. } => ErrorCode::OutOfMemory,
         BackendError::Unauthorized { .. }
+        | BackendError::LoadFailed { .. }
+        | BackendError::InstanceGone { .. }
         | BackendError::Api { .. }
         | BackendError::Malformed { .. } => ErrorCode::BackendError,
     }
@@ -79,16 +86,16 @@ impl TaskError {
                 ErrorCode::ModelNotFound
             }
             TaskError::Pool(PoolError::BudgetExceeded { .. }) => ErrorCode::BudgetExceeded,
-            TaskError::Pool(PoolError::Pinned { .. } | PoolError::Config(_)) => {
-                ErrorCode::BadRequest
-            }
+            TaskError::Pool(PoolError::Pinned { .. } | PoolError::Config(_))
+            | TaskError::BadRequest(_) => ErrorCode::BadRequest,
+            TaskError::Pool(PoolError::ContextTooSmall { .. }) => ErrorCode::ContextExceeded,
             TaskError::Pool(PoolError::ShuttingDown) => ErrorCode::ShuttingDown,
             TaskError::Pool(PoolError::QueueFull(_)) => ErrorCode::QueueFull,
             TaskError::Pool(PoolError::DeadlineExceeded) | TaskError::DeadlineExceeded(_) => {
                 ErrorCode::DeadlineExceeded
             }
             TaskError::Cancelled => ErrorCode::Cancelled,
-            TaskError::SessionLost { .. } => ErrorCode::BadRequest,
+            TaskError::SessionLost { .. } => ErrorCode::SessionLost,
             TaskError::Pool(PoolError::UnloadNotVerified { .. }) | TaskError::EmptyReply { .. } => {
                 ErrorCode::BackendError
             }
@@ -96,14 +103,17 @@ impl TaskError {
         WireError::new(code, self.to_string())
     }
 
+    fn backend(&self) -> Option<&BackendError> {
+        match self {
+            TaskError::Backend(error) | TaskError::Pool(PoolError::Backend(error)) => Some(error),
+            _ => None,
+        }
+    }
+
+    /// Out of memory, or a failed load that may have been (LM Studio does not say).
     fn is_out_of_memory(&self) -> bool {
-        matches!(
-            self,
-            TaskError::Pool(
-                PoolError::BudgetExceeded { .. }
-                    | PoolError::Backend(BackendError::OutOfMemory { .. })
-            ) | TaskError::Backend(BackendError::OutOfMemory { .. })
-        )
+        matches!(self, TaskError::Pool(PoolError::BudgetExceeded { .. }))
+            || self.backend().is_some_and(BackendError::may_be_memory)
     }
 
     /// Worth trying the next candidate model after this?
@@ -111,14 +121,20 @@ impl TaskError {
         matches!(
             self,
             TaskError::EmptyReply { .. }
-                | TaskError::Pool(PoolError::NotFound { .. } | PoolError::BudgetExceeded { .. })
-                | TaskError::Pool(PoolError::Backend(
-                    BackendError::ModelNotFound { .. } | BackendError::OutOfMemory { .. }
-                ))
-                | TaskError::Backend(
-                    BackendError::ModelNotFound { .. } | BackendError::OutOfMemory { .. }
+                | TaskError::Pool(
+                    PoolError::NotFound { .. }
+                        | PoolError::BudgetExceeded { .. }
+                        | PoolError::ContextTooSmall { .. }
                 )
-        )
+        ) || self.backend().is_some_and(|error| {
+            error.may_be_memory()
+                || matches!(
+                    error,
+                    BackendError::ModelNotFound { .. }
+                        | BackendError::InstanceGone { .. }
+                        | BackendError::ContextExceeded { .. }
+                )
+        })
     }
 }
 
@@ -350,11 +366,11 @@ impl<'a> Task<'a> {
                 size_bytes: None,
             }]);
         }
-        let status = self.ctx.pool.status().await?;
-        if !status.reachable {
-            if let Some(error) = status.last_error {
-                return Err(TaskError::Backend(error));
-            }
+        let mut status = self.ctx.pool.status().await?;
+        if status.catalogue.is_empty() && !status.reachable {
+            // Nothing to choose from yet: one fresh read, started now, decides.
+            self.ctx.pool.models().await?;
+            status = self.ctx.pool.status().await?;
         }
         let size_of = |key: &str| {
             status
@@ -416,6 +432,7 @@ impl<'a> Task<'a> {
         model: &str,
         ttl: Option<Ttl>,
         context_length: Option<u32>,
+        min_context: Option<u32>,
     ) -> Result<Lease, TaskError> {
         let (progress, mut heard) = mpsc::channel(16);
         let request = AcquireRequest {
@@ -424,6 +441,7 @@ impl<'a> Task<'a> {
             priority: self.options.priority,
             deadline: self.deadline,
             context_length,
+            min_context,
             progress: Some(progress),
         };
         let started = Instant::now();
@@ -507,7 +525,7 @@ impl<'a> Task<'a> {
         candidate: &Candidate,
         work: &Work<'_>,
     ) -> Result<(Done, Answered), TaskError> {
-        let (ttl, context_length) = match work {
+        let (ttl, context_length, min_context) = match work {
             Work::Chat(chat) => (
                 if chat.unload_after {
                     Some(Ttl::After(Duration::ZERO))
@@ -517,8 +535,9 @@ impl<'a> Task<'a> {
                     chat.ttl
                 },
                 chat.context_length,
+                context_needed(chat),
             ),
-            Work::Embed(_) => (None, None),
+            Work::Embed(_) => (None, None, None),
         };
         let mut transient_tries = 0;
         let mut reloaded = false;
@@ -527,7 +546,14 @@ impl<'a> Task<'a> {
             self.report.attempts += 1;
             // Boxed, like `perform` below: an async fn's state holds room for every future it
             // awaits, so a queued task would carry a running one's. Boxes exist only while used.
-            let lease = match Box::pin(self.acquire(&candidate.model, ttl, context_length)).await {
+            let lease = match Box::pin(self.acquire(
+                &candidate.model,
+                ttl,
+                context_length,
+                min_context,
+            ))
+            .await
+            {
                 Ok(lease) => lease,
                 // The catalogue may be stale (a model downloaded a moment ago): read it again
                 // once before giving up on the name.
@@ -555,9 +581,12 @@ impl<'a> Task<'a> {
                 Err(error) => error,
             };
             match &error {
-                // The instance vanished under the task (outside unload, LM Studio restart), or
-                // answered nothing: reload it once and try again.
-                TaskError::Backend(BackendError::ModelNotFound { .. })
+                // The instance vanished under the task (outside unload, a crash, LM Studio
+                // restart; or another model answered in its place), or answered nothing: reload
+                // it once and try again.
+                TaskError::Backend(
+                    BackendError::ModelNotFound { .. } | BackendError::InstanceGone { .. },
+                )
                 | TaskError::EmptyReply { .. }
                     if !reloaded =>
                 {
@@ -597,25 +626,36 @@ impl<'a> Task<'a> {
         work: &Work<'_>,
     ) -> Result<Done, TaskError> {
         match work {
-            Work::Embed(embed) => Ok(Done::Embed(
-                self.ctx
+            Work::Embed(embed) => {
+                let (vectors, answered) = self
+                    .ctx
                     .backend
                     .embeddings(&lease.instance_id, &embed.input)
-                    .await?,
-            )),
+                    .await?;
+                match answered {
+                    Some(answered) if !same_model(&lease.instance_id, &answered) => {
+                        self.check_answered_by(&lease.instance_id, &answered)
+                            .await?;
+                    }
+                    _ => {}
+                }
+                Ok(Done::Embed(vectors))
+            }
             Work::Chat(chat) => {
-                let previous_response_id = chat.previous_response_id.clone().or_else(|| {
-                    chat.session
-                        .as_deref()
-                        .and_then(|s| self.ctx.sessions.last_response(s, &candidate.model))
-                });
+                let continues = self.continues(chat, &candidate.model)?;
                 let body = ChatBody {
                     model: lease.instance_id.clone(),
                     input: chat.input.clone(),
-                    system_prompt: chat.system_prompt.clone(),
+                    // The engine keeps the system prompt its conversation began with, and LM
+                    // Studio refuses a continuation that sends one (`continues` checked it).
+                    system_prompt: match continues {
+                        Some(_) => None,
+                        None => chat.system_prompt.clone(),
+                    },
                     temperature: chat.temperature,
                     max_output_tokens: chat.max_output_tokens,
-                    previous_response_id,
+                    store: chat.store || chat.session.is_some() || continues.is_some(),
+                    previous_response_id: continues.map(|c| c.response_id),
                     stream: chat.stream,
                 };
                 let reply = if chat.stream {
@@ -650,14 +690,31 @@ impl<'a> Task<'a> {
                     (source @ BackendError::ConversationLost { .. }, Some(session))
                         if chat.previous_response_id.is_none() =>
                     {
-                        self.ctx.sessions.forget(session);
+                        self.ctx
+                            .sessions
+                            .forget_conversation(session, &candidate.model);
                         TaskError::SessionLost {
                             session: session.to_owned(),
+                            model: candidate.model.clone(),
                             source,
                         }
                     }
                     (error, _) => TaskError::Backend(error),
                 })?;
+                if !same_model(&lease.instance_id, &reply.model_instance_id) {
+                    return Err(TaskError::Backend(BackendError::InstanceGone {
+                        message: format!(
+                            "asked {:?} to chat, and {:?} answered",
+                            lease.instance_id, reply.model_instance_id
+                        ),
+                    }));
+                }
+                if reply.stats.model_load_time_seconds.is_some() {
+                    // lmsd loads before it chats, so the engine loaded this one itself (its
+                    // just-in-time loading): the instance lmsd leased had gone.
+                    tracing::warn!(task = %self.handle.id, instance = %reply.model_instance_id, "the engine loaded the model just in time behind lmsd; switch JIT loading off in LM Studio's server settings");
+                    self.ctx.pool.engine_loaded(&lease.model);
+                }
                 if reply.text().is_none() {
                     return Err(TaskError::EmptyReply {
                         instance: reply.model_instance_id,
@@ -668,10 +725,84 @@ impl<'a> Task<'a> {
         }
     }
 
+    /// The conversation a chat continues, if any: its explicit `previous_response_id`, else its
+    /// session's on `model`. A system prompt other than the one that conversation began with
+    /// is refused: the engine keeps the first, and would silently ignore (llama-server) or
+    /// refuse (LM Studio) another.
+    fn continues(
+        &self,
+        chat: &ChatRequest,
+        model: &str,
+    ) -> Result<Option<Continuation>, TaskError> {
+        let (response_id, began_with) = match (&chat.previous_response_id, &chat.session) {
+            (Some(id), _) => (id.clone(), self.ctx.sessions.system_of(id)),
+            (None, Some(session)) => match self.ctx.sessions.last_response(session, model) {
+                Some(last) => last,
+                None => return Ok(None),
+            },
+            (None, None) => return Ok(None),
+        };
+        let asked = chat.system_prompt.as_deref();
+        match (asked, began_with) {
+            (None, _) => {}
+            (Some(_), Some(began)) if began == SystemPrompt::of(asked) => {}
+            (Some(_), Some(_)) => {
+                return Err(TaskError::BadRequest(format!(
+                    "this chat continues a conversation that began with another system prompt, and the engine keeps the first one; leave system_prompt out, or start a new conversation{}",
+                    chat.session.as_deref().map_or(String::new(), |s| format!(" (`lmsd-ctl sessions forget {s}`, or another session name)"))
+                )))
+            }
+            (Some(_), None) => {
+                return Err(TaskError::BadRequest(
+                    "a chat that continues a previous_response_id lmsd did not answer cannot carry a system_prompt: the engine keeps the one its conversation began with; leave it out".into(),
+                ))
+            }
+        }
+        Ok(Some(Continuation { response_id }))
+    }
+
+    /// An embedding reply that names another model than the leased instance's: when that is a
+    /// different model the engine has, the instance is gone and another model answered (its
+    /// vectors would poison an index); a name lmsd does not know is taken on trust.
+    async fn check_answered_by(&self, asked: &str, answered: &str) -> Result<(), TaskError> {
+        let status = self.ctx.pool.status().await?;
+        let other_model = status.catalogue.iter().any(|m| {
+            !same_model(asked, &m.key)
+                && (same_model(answered, &m.key)
+                    || m.loaded_instances.iter().any(|i| i.id == answered))
+        });
+        if other_model {
+            return Err(TaskError::Backend(BackendError::InstanceGone {
+                message: format!("asked {asked:?} for embeddings, and {answered:?} answered"),
+            }));
+        }
+        tracing::debug!(asked, answered, "embedding reply names an unknown model; accepted");
+        Ok(())
+    }
+
     fn finish(mut self) -> TaskReport {
         self.report.total_ms = millis(self.submitted.elapsed());
         self.report
     }
+}
+
+/// The conversation a chat continues.
+struct Continuation {
+    response_id: String,
+}
+
+/// Tokens a text surely needs: no tokenizer averages more than this many bytes per token on
+/// prose or code, so an input longer than this many bytes per token of an instance's context
+/// cannot fit it.
+const BYTES_PER_TOKEN_CEILING: usize = 6;
+
+/// The context a chat needs of its instance: what `needs.min_context` says, or what its text
+/// clearly takes, whichever is more.
+fn context_needed(chat: &ChatRequest) -> Option<u32> {
+    let text = chat.input.len() + chat.system_prompt.as_ref().map_or(0, String::len);
+    let estimate = u32::try_from(text / BYTES_PER_TOKEN_CEILING).unwrap_or(u32::MAX);
+    let needed = chat.options.needs.min_context.unwrap_or(0).max(estimate);
+    (needed > 0).then_some(needed)
 }
 
 /// The instance a task's answer came from (its lease is already returned).
@@ -747,6 +878,15 @@ pub async fn chat(
 ) -> Result<ChatOutcome, TaskError> {
     ctx.backend
         .accept_load_settings(request.context_length.is_some())?;
+    if let Some(temperature) = request.temperature {
+        let (low, high) = ctx.backend.temperature_range();
+        if !(low..=high).contains(&temperature) {
+            return Err(TaskError::BadRequest(format!(
+                "temperature {temperature} is outside {}'s range, {low} to {high}",
+                ctx.backend.engine_name()
+            )));
+        }
+    }
     let (model, tag) = (request.model.clone(), request.options.tag.clone());
     let result = run_chat(ctx, request, sink, cancel).await;
     let entry = match &result {
@@ -908,8 +1048,32 @@ async fn run_chat(
             instance: answered.instance,
         });
     };
-    if let (Some(session), Some(response_id)) = (&request.session, &reply.response_id) {
-        ctx.sessions.record(session, &report.model, response_id);
+    if let Some(response_id) = &reply.response_id {
+        // The conversation's system prompt: this chat's when it began one, else its start's.
+        let continued = request.previous_response_id.clone().or_else(|| {
+            let session = request.session.as_deref()?;
+            // Already replaced by this reply only below: this is the turn it continued.
+            ctx.sessions
+                .last_response(session, &report.model)
+                .map(|(id, _)| id)
+        });
+        let system = match continued {
+            Some(previous) => ctx
+                .sessions
+                .system_of(&previous)
+                .or_else(|| {
+                    let session = request.session.as_deref()?;
+                    ctx.sessions.last_response(session, &report.model)?.1
+                })
+                .unwrap_or(SystemPrompt::of(request.system_prompt.as_deref())),
+            None => SystemPrompt::of(request.system_prompt.as_deref()),
+        };
+        match &request.session {
+            Some(session) => ctx
+                .sessions
+                .record(session, &report.model, response_id, system),
+            None => ctx.sessions.remember(response_id, system),
+        }
     }
     Ok(ChatOutcome {
         content,

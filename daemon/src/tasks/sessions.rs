@@ -1,7 +1,9 @@
 //! Stateful sessions: the last `response_id` per (session, model), kept in a JSON file in lmsd's
-//! state directory so that a conversation survives a daemon restart.
+//! state directory so that a conversation survives a daemon restart; and, for every
+//! conversation lmsd continues, which system prompt it began with — the engine keeps that one,
+//! and LM Studio refuses a continuation that sends one again (bug tracker #2219).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,6 +17,44 @@ struct Turn {
     turns: u64,
     /// Unix seconds.
     updated: u64,
+    /// The conversation's system prompt, as a [`fingerprint`] (the text itself is the
+    /// user's and stays out of lmsd's files). Absent in files from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    system: Option<SystemPrompt>,
+}
+
+/// Which system prompt a conversation began with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemPrompt {
+    None,
+    Fingerprint(u64),
+}
+
+impl SystemPrompt {
+    pub fn of(text: Option<&str>) -> Self {
+        text.map_or(SystemPrompt::None, |text| {
+            SystemPrompt::Fingerprint(fingerprint(text))
+        })
+    }
+}
+
+/// FNV-1a: stable across lmsd versions and machines (std's hasher is neither), and enough to
+/// tell one system prompt from another.
+fn fingerprint(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Replies lmsd remembers the system prompt of, for continuations by `previous_response_id`.
+const RECENT_MAX: usize = 4096;
+
+/// The newest replies' conversations, in memory.
+#[derive(Debug, Default)]
+struct Recent {
+    by_response: HashMap<String, SystemPrompt>,
+    order: VecDeque<String>,
 }
 
 /// Session name → model key → last turn.
@@ -26,6 +66,7 @@ type Table = BTreeMap<String, BTreeMap<String, Turn>>;
 pub struct Sessions {
     path: Option<PathBuf>,
     table: Mutex<Table>,
+    recent: Mutex<Recent>,
 }
 
 fn now_s() -> u64 {
@@ -58,6 +99,7 @@ impl Sessions {
         Sessions {
             path,
             table: Mutex::new(table),
+            recent: Mutex::default(),
         }
     }
 
@@ -67,15 +109,51 @@ impl Sessions {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The response to continue from, for `session` on `model`.
-    pub fn last_response(&self, session: &str, model: &str) -> Option<String> {
+    /// The response to continue from, for `session` on `model`, and the system prompt its
+    /// conversation began with when lmsd knows it.
+    pub fn last_response(
+        &self,
+        session: &str,
+        model: &str,
+    ) -> Option<(String, Option<SystemPrompt>)> {
         self.lock()
             .get(session)?
             .get(model)
-            .map(|turn| turn.response_id.clone())
+            .map(|turn| (turn.response_id.clone(), turn.system))
     }
 
-    pub fn record(&self, session: &str, model: &str, response_id: &str) {
+    /// The system prompt of the conversation `response_id` ends, if lmsd answered it lately.
+    pub fn system_of(&self, response_id: &str) -> Option<SystemPrompt> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .by_response
+            .get(response_id)
+            .copied()
+    }
+
+    /// Remembers a stored reply and the system prompt its conversation began with.
+    pub fn remember(&self, response_id: &str, system: SystemPrompt) {
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if recent
+            .by_response
+            .insert(response_id.to_owned(), system)
+            .is_none()
+        {
+            recent.order.push_back(response_id.to_owned());
+        }
+        while recent.order.len() > RECENT_MAX {
+            if let Some(oldest) = recent.order.pop_front() {
+                recent.by_response.remove(&oldest);
+            }
+        }
+    }
+
+    pub fn record(&self, session: &str, model: &str, response_id: &str, system: SystemPrompt) {
+        self.remember(response_id, system);
         let snapshot = {
             let mut table = self.lock();
             let turn = table
@@ -86,13 +164,33 @@ impl Sessions {
                     response_id: String::new(),
                     turns: 0,
                     updated: 0,
+                    system: None,
                 });
             turn.response_id = response_id.to_owned();
             turn.turns += 1;
             turn.updated = now_s();
+            turn.system = Some(system);
             table.clone()
         };
         self.save(&snapshot);
+    }
+
+    /// Drops a session's conversation on one model (the engine lost it); true if it existed.
+    pub fn forget_conversation(&self, session: &str, model: &str) -> bool {
+        let (existed, snapshot) = {
+            let mut table = self.lock();
+            let existed = table
+                .get_mut(session)
+                .is_some_and(|models| models.remove(model).is_some());
+            if table.get(session).is_some_and(BTreeMap::is_empty) {
+                table.remove(session);
+            }
+            (existed, table.clone())
+        };
+        if existed {
+            self.save(&snapshot);
+        }
+        existed
     }
 
     /// Drops a session; true if it existed.
@@ -149,14 +247,15 @@ mod tests {
         let path = dir.path().join("state/sessions.json");
         let sessions = Sessions::open(Some(path.clone()));
         assert_eq!(sessions.last_response("review", "m"), None);
-        sessions.record("review", "m", "resp_1");
-        sessions.record("review", "m", "resp_2");
-        sessions.record("review", "other", "resp_x");
+        let brief = SystemPrompt::of(Some("be brief"));
+        sessions.record("review", "m", "resp_1", brief);
+        sessions.record("review", "m", "resp_2", brief);
+        sessions.record("review", "other", "resp_x", SystemPrompt::None);
 
         let reopened = Sessions::open(Some(path.clone()));
         assert_eq!(
-            reopened.last_response("review", "m").as_deref(),
-            Some("resp_2")
+            reopened.last_response("review", "m"),
+            Some(("resp_2".into(), Some(brief)))
         );
         let listed = reopened.list();
         assert_eq!(listed.len(), 2);
@@ -164,6 +263,26 @@ mod tests {
         assert!(reopened.forget("review"));
         assert!(!reopened.forget("review"));
         assert!(Sessions::open(Some(path)).list().is_empty());
+    }
+
+    #[test]
+    fn a_lost_conversation_is_forgotten_alone_and_prompts_are_told_apart() {
+        let sessions = Sessions::open(None);
+        sessions.record("s", "a", "resp_a", SystemPrompt::None);
+        sessions.record("s", "b", "resp_b", SystemPrompt::None);
+        assert!(sessions.forget_conversation("s", "a"));
+        assert!(!sessions.forget_conversation("s", "a"));
+        assert_eq!(sessions.list().len(), 1);
+        assert!(sessions.forget_conversation("s", "b"));
+        assert!(sessions.list().is_empty());
+
+        assert_eq!(sessions.system_of("resp_a"), Some(SystemPrompt::None));
+        assert_eq!(sessions.system_of("resp_elsewhere"), None);
+        assert_ne!(SystemPrompt::of(Some("a")), SystemPrompt::of(Some("b")));
+        assert_eq!(SystemPrompt::of(Some("a")), SystemPrompt::of(Some("a")));
+        // Fixed values: a session file written by one lmsd is read the same by the next.
+        assert_eq!(fingerprint(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fingerprint("a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]
