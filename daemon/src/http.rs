@@ -162,7 +162,6 @@ enum Content {
 
 /// A content part: text only (images and audio are refused, not dropped).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Part {
     #[serde(rename = "type")]
     kind: String,
@@ -239,7 +238,11 @@ fn chat_request(body: &ChatCompletionBody) -> Result<ChatRequest, WireError> {
                 "lmsd's front door takes text content only, not {kind:?} parts"
             )));
         }
-        if let Some((key, _)) = message.rest.iter().find(|(key, v)| !v.is_null() && key.as_str() != "name") {
+        if let Some((key, _)) = message
+            .rest
+            .iter()
+            .find(|(key, v)| !v.is_null() && key.as_str() != "name")
+        {
             return Err(WireError::bad_request(format!(
                 "lmsd's front door does not support {key:?} in messages yet"
             )));

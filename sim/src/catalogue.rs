@@ -9,6 +9,16 @@ pub enum SimModelKind {
     Embedding,
 }
 
+/// The file format, which decides the engine: llama.cpp for GGUF (4 parallel slots), MLX on
+/// Apple silicon (1 slot, and a crash on a second concurrent prediction).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimFormat {
+    #[default]
+    Gguf,
+    Mlx,
+}
+
 /// One downloadable model. A catalogue file (`lmstudio-sim --catalogue FILE`) is a JSON array of
 /// these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +44,8 @@ pub struct SimModel {
     pub tool_use: bool,
     #[serde(default = "default_quantization")]
     pub quantization: String,
+    #[serde(default)]
+    pub format: SimFormat,
 }
 
 fn default_quantization() -> String {
@@ -66,6 +78,7 @@ fn llm(
         reasoning,
         tool_use: true,
         quantization: default_quantization(),
+        format: SimFormat::Gguf,
     }
 }
 
@@ -135,6 +148,21 @@ pub fn default_catalogue() -> Vec<SimModel> {
             reasoning: false,
             tool_use: false,
             quantization: "F16".into(),
+            format: SimFormat::Gguf,
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_defaults_to_gguf_in_catalogue_files() {
+        let json = r#"[{"key":"a/b","type":"llm","publisher":"a","display_name":"B","size_bytes":1,"max_context_length":4096},
+            {"key":"a/c","type":"llm","publisher":"a","display_name":"C","size_bytes":1,"max_context_length":4096,"format":"mlx"}]"#;
+        let models: Vec<SimModel> = serde_json::from_str(json).unwrap_or_default();
+        let formats: Vec<SimFormat> = models.iter().map(|m| m.format).collect();
+        assert_eq!(formats, [SimFormat::Gguf, SimFormat::Mlx]);
+    }
 }

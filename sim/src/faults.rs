@@ -34,6 +34,31 @@ pub enum Fault {
     EmptyOutput,
     /// A streamed chat sends a couple of deltas, then nothing more, never ending.
     StallStream,
+    /// The next load on this route (Load, or a JIT load through Chat or Embeddings) gets this
+    /// context length whatever was asked, as MLX context auto-fit does. Used up by a load only.
+    ContextAutoFit(u32),
+    /// A load fails as LM Studio reports an engine crash, a CUDA OOM included: 500
+    /// `model_load_failed` with no memory wording. Nothing loads.
+    LoadFailed,
+    /// The instance a chat or embeddings request names crashes: it is removed, and the request
+    /// gets the "The model has crashed…" error.
+    Crash,
+    /// A load completes (the instance exists afterwards), then the connection closes with no reply.
+    DropLoadReply,
+    /// A request arriving on a keep-alive connection that has already served one is answered by
+    /// closing the connection, unwritten and with no effect: Node closing an idle socket just as
+    /// the request arrives. Requests on fresh connections pass and do not use it up.
+    CloseReused,
+    /// Unload: the instance is removed first (as a TTL, auto-evict or crash would have done a
+    /// moment earlier), then the unload is answered 400 `invalid_request` "No model found…".
+    GoneBeforeUnload,
+}
+
+impl Fault {
+    /// Faults taken where they apply (a load, a reused connection), not when a request arrives.
+    fn is_deferred(&self) -> bool {
+        matches!(self, Fault::ContextAutoFit(_) | Fault::CloseReused)
+    }
 }
 
 /// How many requests a fault hits.
@@ -66,11 +91,21 @@ impl FaultRule {
     }
 }
 
-/// Takes the first fault matching `route`, counting it down and dropping spent rules.
+/// Takes the first fault for a request arriving on `route`, counting it down and dropping spent
+/// rules. Deferred faults are left for [`take_fault_where`].
 pub(crate) fn take_fault(rules: &mut Vec<FaultRule>, route: Route) -> Option<Fault> {
+    take_fault_where(rules, route, |fault| !fault.is_deferred())
+}
+
+/// Takes the first fault matching `route` that `pick` accepts.
+pub(crate) fn take_fault_where(
+    rules: &mut Vec<FaultRule>,
+    route: Route,
+    pick: impl Fn(&Fault) -> bool,
+) -> Option<Fault> {
     let index = rules
         .iter()
-        .position(|r| r.route == route || r.route == Route::Any)?;
+        .position(|r| (r.route == route || r.route == Route::Any) && pick(&r.fault))?;
     let rule = &mut rules[index];
     let fault = rule.fault.clone();
     if let Some(remaining) = rule.remaining.as_mut() {
@@ -103,5 +138,25 @@ mod tests {
             Some(Fault::MalformedJson)
         );
         assert_eq!(rules.len(), 1);
+    }
+
+    #[test]
+    fn deferred_faults_are_only_taken_where_they_apply() {
+        let mut rules = vec![
+            FaultRule::new(Route::Any, Fault::CloseReused, Times::Once),
+            FaultRule::new(Route::Load, Fault::ContextAutoFit(8192), Times::Once),
+        ];
+        assert_eq!(take_fault(&mut rules, Route::Load), None);
+        let auto_fit = |f: &Fault| matches!(f, Fault::ContextAutoFit(_));
+        assert_eq!(take_fault_where(&mut rules, Route::Chat, auto_fit), None);
+        assert_eq!(
+            take_fault_where(&mut rules, Route::Load, auto_fit),
+            Some(Fault::ContextAutoFit(8192))
+        );
+        assert_eq!(
+            take_fault_where(&mut rules, Route::Models, |f| *f == Fault::CloseReused),
+            Some(Fault::CloseReused)
+        );
+        assert!(rules.is_empty());
     }
 }

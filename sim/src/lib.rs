@@ -1,29 +1,51 @@
 //! lmstudio-sim: a stand-in for LM Studio 0.4's REST API v1, for lmsd's tests, demos and
 //! benchmarks.
 //!
-//! It follows LM Studio's documented and observed behaviour: the `/api/v1/models` catalogue with
-//! `loaded_instances`, strict load bodies, `key:2` instances on a second load, memory that runs
-//! out, load time proportional to size, just-in-time loads on chat with idle TTL and auto-evict,
-//! stateful chats with `response_id`, SSE streaming, optional bearer-token auth, and `200` with an
-//! `error` string for unknown routes. Tests switch faults on with [`Simulator::inject`].
+//! It follows LM Studio's documented and observed behaviour (the project's notes,
+//! `lmstudio-fidelity.md`):
+//! - `/api/v1/models` lists the catalogue with `loaded_instances`, `format` (`gguf`/`mlx`), and
+//!   `config.parallel` 4 for GGUF LLMs, 1 for MLX LLMs, none for embedding models.
+//! - Loads: strict bodies, `key:2` instances on a second load, memory that runs out, load time
+//!   proportional to size; a load goes on when its client disconnects.
+//! - Chats: JIT loads with idle TTL and auto-evict, a bare key reaching the oldest instance,
+//!   stateful turns with `response_id` (`store` defaults to true), SSE with `chat.start` first
+//!   and `chat.end` last. Rejected as real servers do: input items other than `text`
+//!   (`content`) and `image` (`data_url`), `temperature` outside 0..=1, `system_prompt` on a
+//!   continuation (500, #2219), prompts over the loaded context (`exceed_context_size_error`).
+//!   A second concurrent chat on an MLX instance crashes it, failing both.
+//! - `/v1/embeddings` serves one request at a time per instance, JIT-loads an embedding key,
+//!   and answers a name that is not loaded with the loaded embedding instance, named in
+//!   `model`. Vectors depend on the model and the text ([`embed_text`]).
+//! - Bearer or `x-api-key` auth when a token is set; `200` with an `error` string for unknown
+//!   routes.
+//! - On the wire it is Node/Express: `X-Powered-By: Express`, `Keep-Alive: timeout=5`, and idle
+//!   keep-alive connections closed after [`SimConfig::keep_alive_timeout`].
+//!
+//! Tests switch faults on with [`Simulator::inject`], remove instances behind lmsd's back with
+//! [`Simulator::drop_instance`], and restart LM Studio with [`Simulator::go_down`] and
+//! [`Simulator::come_back`].
 
 mod api;
 pub mod catalogue;
+mod chat;
+mod embeddings;
 pub mod faults;
+mod server;
 mod state;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use catalogue::{default_catalogue, SimModel, SimModelKind};
+pub use catalogue::{default_catalogue, SimFormat, SimModel, SimModelKind};
+pub use embeddings::embed_text;
 pub use faults::{Fault, Route, Times};
 pub use state::SimStats;
 
 use faults::FaultRule;
+use server::Server;
 use state::SimState;
 
 /// How the simulated LM Studio behaves.
@@ -42,8 +64,13 @@ pub struct SimConfig {
     pub auto_evict: bool,
     /// Idle TTL of JIT-loaded instances.
     pub jit_ttl: Duration,
-    /// When set, every request must carry `Authorization: Bearer <token>`.
+    /// When set, every request must carry `Authorization: Bearer <token>` or `x-api-key: <token>`.
     pub auth_token: Option<String>,
+    /// How long a keep-alive connection with nothing in flight stays open, as Node's
+    /// `keepAliveTimeout` (5 s); responses say `Keep-Alive: timeout=<whole seconds, rounded up>`.
+    pub keep_alive_timeout: Duration,
+    /// How long one embeddings request takes; an instance serves them one at a time.
+    pub embed_delay: Duration,
 }
 
 impl Default for SimConfig {
@@ -58,12 +85,16 @@ impl Default for SimConfig {
             auto_evict: true,
             jit_ttl: Duration::from_secs(3600),
             auth_token: None,
+            keep_alive_timeout: Duration::from_secs(5),
+            embed_delay: Duration::from_millis(20),
         }
     }
 }
 
 impl SimConfig {
-    /// No waiting anywhere: for tests and benchmarks.
+    /// No load time and no per-token delay: for tests and benchmarks. The keep-alive timeout
+    /// and the embedding time stay, as they are what makes connection reuse and serialised
+    /// embeddings observable.
     pub fn zero_delay() -> Self {
         SimConfig {
             load_bytes_per_sec: None,
@@ -101,35 +132,25 @@ impl Shared {
 pub struct Simulator {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: JoinHandle<()>,
+    /// `None` while LM Studio is down.
+    server: Option<Server>,
     sweeper: JoinHandle<()>,
 }
 
 impl Simulator {
     /// Starts serving on `addr` (port 0 picks a free one).
     pub async fn start(config: SimConfig, addr: SocketAddr) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = server::bind(addr)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(SimState::new(config)),
         });
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let app = api::router(shared.clone());
-        let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                let _ = stopped.await;
-            });
-            if let Err(error) = serve.await {
-                tracing::warn!(%error, "simulator server stopped");
-            }
-        });
+        let server = Server::spawn(listener, shared.clone(), api::router(shared.clone()));
         let sweeper = tokio::spawn(expire_idle_instances(shared.clone()));
         Ok(Simulator {
             addr,
             shared,
-            shutdown: Some(shutdown),
-            server,
+            server: Some(server),
             sweeper,
         })
     }
@@ -185,18 +206,52 @@ impl Simulator {
         self.shared.lock().peak_bytes
     }
 
+    /// How many responses the store holds now (`SimStats::stored_responses` counts all ever
+    /// stored).
+    pub fn stored_responses(&self) -> usize {
+        self.shared.lock().responses.len()
+    }
+
+    /// Removes a loaded instance behind everyone's back, as an outside unload, auto-evict or
+    /// crash would; true if it existed. Not counted in `SimStats::unloads`.
+    pub fn drop_instance(&self, instance_id: &str) -> bool {
+        self.shared.lock().remove_instance(instance_id).is_some()
+    }
+
+    /// LM Studio quits: the port refuses connections, open ones are cut, and loaded instances,
+    /// loads under way and stored responses are forgotten. Catalogue, config, faults and stats
+    /// stay. Returns once connections are refused.
+    pub async fn go_down(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.cut().await;
+        }
+        self.shared.lock().go_down();
+    }
+
+    /// LM Studio starts again on the same address, with the state `go_down` left; returns once
+    /// it accepts connections. Does nothing if it is up.
+    pub async fn come_back(&mut self) -> std::io::Result<()> {
+        if self.server.is_none() {
+            let listener = server::bind(self.addr)?;
+            let router = api::router(self.shared.clone());
+            self.server = Some(Server::spawn(listener, self.shared.clone(), router));
+        }
+        Ok(())
+    }
+
     /// Stops the server, letting open requests finish for up to a second.
     pub async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
+        if let Some(server) = self.server.take() {
+            server.stop(Duration::from_secs(1)).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.server).await;
     }
 }
 
 impl Drop for Simulator {
     fn drop(&mut self) {
-        self.server.abort();
+        if let Some(server) = &self.server {
+            server.abort();
+        }
         self.sweeper.abort();
     }
 }

@@ -24,7 +24,7 @@ struct Args {
     /// Memory for loaded models, in bytes.
     #[arg(long)]
     memory_bytes: Option<u64>,
-    /// Require `Authorization: Bearer TOKEN` on every request.
+    /// Require `Authorization: Bearer TOKEN` (or `x-api-key: TOKEN`) on every request.
     #[arg(long)]
     auth_token: Option<String>,
     /// No load time and no per-token delay (for benchmarks).
@@ -36,6 +36,12 @@ struct Args {
     /// Idle TTL of just-in-time loaded models, in seconds.
     #[arg(long)]
     jit_ttl_secs: Option<u64>,
+    /// Seconds an idle keep-alive connection stays open (Node's keepAliveTimeout, 5 s).
+    #[arg(long)]
+    keep_alive_secs: Option<u64>,
+    /// Milliseconds one embeddings request takes (an instance serves one at a time).
+    #[arg(long)]
+    embed_ms: Option<u64>,
 }
 
 #[tokio::main]
@@ -71,6 +77,12 @@ async fn main() -> std::process::ExitCode {
     }
     if let Some(secs) = args.jit_ttl_secs {
         config.jit_ttl = Duration::from_secs(secs);
+    }
+    if let Some(secs) = args.keep_alive_secs {
+        config.keep_alive_timeout = Duration::from_secs(secs);
+    }
+    if let Some(ms) = args.embed_ms {
+        config.embed_delay = Duration::from_millis(ms);
     }
     config.auth_token = args.auth_token;
     let sim = match Simulator::start(config, SocketAddr::new(args.host, args.port)).await {

@@ -3,6 +3,7 @@
 // Helpers here are test code too: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod fidelity;
 mod front_door;
 mod pool;
 mod real_engine;
@@ -110,6 +111,8 @@ async fn chat_plain_streamed_and_continued() {
             "Summarise this in one line",
             "--temperature",
             "0.2",
+            // Keep the reply on the engine, to continue it below.
+            "--store",
         ])
         .await;
     let content = first["content"].as_str().unwrap();
@@ -247,13 +250,14 @@ async fn unload_of_a_key_removes_every_instance_by_id_and_verifies() {
 async fn backend_down_at_start_then_up() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let daemon = TestDaemon::start(&url).await;
+    let daemon = TestDaemon::start_with(&url, "[tasks]\noutage_wait = \"300ms\"\n", &[]).await;
 
     let status = daemon.status().await;
     assert!(!status.backend.reachable);
     assert!(status.backend.last_error.unwrap().contains("unreachable"));
     let models = daemon.ctl(&["models"]).await;
     assert_eq!(models.code, 5, "{}", models.stderr);
+    // A task waits out `[tasks] outage_wait` (the fixture's is short), then says why it failed.
     let chat = daemon.ctl(&["chat", "ibm/granite-4-micro", "hello"]).await;
     assert_eq!(chat.code, 5, "{}", chat.stderr);
 

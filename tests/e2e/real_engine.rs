@@ -203,9 +203,10 @@ async fn sessions_keep_the_conversation_that_llama_server_does_not() {
             "resp_lmsd_1_999999",
         ])
         .await;
-    assert_eq!(unknown.code, 4, "{}", unknown.stderr);
+    assert_eq!(unknown.code, 15, "{}", unknown.stderr);
     assert!(
-        unknown.stderr.contains("no conversation has response id"),
+        unknown.stderr.contains("session_lost")
+            && unknown.stderr.contains("no longer has the conversation"),
         "{}",
         unknown.stderr
     );
@@ -221,7 +222,7 @@ async fn sessions_keep_the_conversation_that_llama_server_does_not() {
     first.terminate().await;
     let second = TestDaemon::start_engine(Engine::LlamaServer, &router.url(), "", "", &env).await;
     let lost = second.ctl(&args("And then?", true)).await;
-    assert_eq!(lost.code, 4, "{}", lost.stderr);
+    assert_eq!(lost.code, 15, "{}", lost.stderr);
     assert!(
         lost.stderr.contains("session \"s1\" lost its conversation"),
         "{}",

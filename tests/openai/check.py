@@ -33,8 +33,52 @@ for chunk in client.chat.completions.create(
 assert "Simulated reply" in text, text
 assert usage is not None and usage.total_tokens > 0, usage
 
+# The client asks for base64 by default and decodes it; floats must say the same.
 embedded = client.embeddings.create(model="auto", input=["one", "two"])
-assert len(embedded.data) == 2 and len(embedded.data[0].embedding) == 8, embedded
+as_floats = client.embeddings.create(model="auto", input=["one", "two"], encoding_format="float")
+assert len(embedded.data) == 2 and len(embedded.data[0].embedding) > 0, embedded
+for packed, plain in zip(embedded.data, as_floats.data):
+    assert len(packed.embedding) == len(plain.embedding), (packed, plain)
+    assert all(abs(a - b) < 1e-6 for a, b in zip(packed.embedding, plain.embedding)), (packed, plain)
+
+# What lmsd cannot honour is refused by name, never silently dropped.
+for field, value in [
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("top_p", 0.5),
+]:
+    try:
+        client.chat.completions.create(
+            model="ibm/granite-4-micro", messages=[{"role": "user", "content": "x"}], **{field: value}
+        )
+        raise SystemExit(f"{field} must be refused")
+    except openai.BadRequestError as error:
+        assert error.body["param"] == field and field in error.body["message"], error.body
+try:
+    client.chat.completions.create(
+        model="ibm/granite-4-micro",
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}],
+    )
+    raise SystemExit("an image part must be refused")
+except openai.BadRequestError as error:
+    assert "image_url" in error.body["message"], error.body
+try:
+    client.embeddings.create(model="auto", input=["one"], dimensions=4)
+    raise SystemExit("dimensions must be refused")
+except openai.BadRequestError as error:
+    assert error.body["param"] == "dimensions", error.body
+# LM Studio's temperature range is 0 to 1; the front door does not map OpenAI's 0 to 2 onto it.
+try:
+    client.chat.completions.create(
+        model="ibm/granite-4-micro", messages=[{"role": "user", "content": "x"}], temperature=1.5
+    )
+    raise SystemExit("a temperature above LM Studio's range must be refused")
+except openai.BadRequestError as error:
+    assert "0 to 1" in error.body["message"], error.body
+# Harmless fields pass.
+client.chat.completions.create(
+    model="ibm/granite-4-micro", messages=[{"role": "user", "content": "x"}], user="me", n=1, temperature=0.7
+)
 
 try:
     client.chat.completions.create(model="nobody/nothing", messages=[{"role": "user", "content": "x"}])

@@ -119,9 +119,15 @@ impl BackendError {
         let lower = message.to_lowercase();
         let names_it =
             mentions_stored_response(&lower) || lower.contains(&response_id.to_lowercase());
-        let missing = ["not found", "could not find", "unknown", "does not exist", "no such"]
-            .iter()
-            .any(|w| lower.contains(w));
+        let missing = [
+            "not found",
+            "could not find",
+            "unknown",
+            "does not exist",
+            "no such",
+        ]
+        .iter()
+        .any(|w| lower.contains(w));
         if kind.as_deref() == Some("previous_response_not_found") || (names_it && missing) {
             return BackendError::ConversationLost {
                 response_id: response_id.to_owned(),
@@ -134,9 +140,14 @@ impl BackendError {
 
 /// Words of an error about a stored response (lower-case `text`).
 fn mentions_stored_response(text: &str) -> bool {
-    ["previous_response", "previous response", "stored response", "prediction history"]
-        .iter()
-        .any(|w| text.contains(w))
+    [
+        "previous_response",
+        "previous response",
+        "stored response",
+        "prediction history",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 /// The number that follows `after` in `text`, if any.
@@ -292,7 +303,10 @@ mod tests {
     #[test]
     fn errors_lm_studio_really_sends_are_told_apart() {
         // A CUDA out-of-memory as LM Studio reports it (#2295): no memory wording.
-        let failed = error(500, r#"{"error":{"type":"model_load_failed","message":"Error loading model. (Exit code: null). Unknown error."}}"#);
+        let failed = error(
+            500,
+            r#"{"error":{"type":"model_load_failed","message":"Error loading model. (Exit code: null). Unknown error."}}"#,
+        );
         assert!(matches!(failed, BackendError::LoadFailed { .. }));
         assert!(failed.may_be_memory() && !failed.is_transient());
 
@@ -310,7 +324,10 @@ mod tests {
             );
         }
 
-        let lm_studio = error(400, r#"{"error":{"type":"exceed_context_size_error","message":"Trying to keep the first 5183 tokens when context the overflows. However, the model is loaded with context length of only 4096 tokens, which is not enough."}}"#);
+        let lm_studio = error(
+            400,
+            r#"{"error":{"type":"exceed_context_size_error","message":"Trying to keep the first 5183 tokens when context the overflows. However, the model is loaded with context length of only 4096 tokens, which is not enough."}}"#,
+        );
         assert!(matches!(
             lm_studio,
             BackendError::ContextExceeded {
@@ -320,7 +337,10 @@ mod tests {
             }
         ));
         assert!(lm_studio.to_string().contains("needs 5183 tokens"));
-        let llama = error(400, r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error","n_prompt_tokens":1500,"n_ctx":1024}}"#);
+        let llama = error(
+            400,
+            r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error","n_prompt_tokens":1500,"n_ctx":1024}}"#,
+        );
         assert!(matches!(
             llama,
             BackendError::ContextExceeded {
@@ -335,13 +355,19 @@ mod tests {
 
     #[test]
     fn a_lost_stored_response_is_recognised_only_on_a_continuation() {
-        let lost = error(400, r#"{"error":{"type":"invalid_request","message":"Could not find stored response for previous_response_id \"resp_1\""}}"#);
+        let lost = error(
+            400,
+            r#"{"error":{"type":"invalid_request","message":"Could not find stored response for previous_response_id \"resp_1\""}}"#,
+        );
         assert!(matches!(lost, BackendError::Api { .. }));
         assert!(matches!(
             lost.for_continuation("resp_1"),
             BackendError::ConversationLost { .. }
         ));
-        let node = error(404, r#"{"error":{"type":"previous_response_not_found","message":"Prediction history node resp_9 not found"}}"#);
+        let node = error(
+            404,
+            r#"{"error":{"type":"previous_response_not_found","message":"Prediction history node resp_9 not found"}}"#,
+        );
         assert!(matches!(
             node.for_continuation("resp_9"),
             BackendError::ConversationLost { .. }

@@ -30,6 +30,8 @@ const TICK: Duration = Duration::from_millis(100);
 const DEFAULT_PARALLEL: u32 = 1;
 /// How long lmsd links an instance the engine loaded on its own to the chats that caused it.
 const JIT_WINDOW: Duration = Duration::from_secs(60);
+/// How long a load that failed without saying why is remembered (see `may_make_room`).
+const LOAD_FAILURE_MEMORY: Duration = Duration::from_secs(60);
 /// Catalogue reads while the engine is unreachable and tasks wait for it: this, doubling, …
 const OUTAGE_RETRY_FIRST: Duration = Duration::from_millis(250);
 /// … up to this.
@@ -172,6 +174,10 @@ struct Actor {
     engine_loaded: HashMap<String, Instant>,
     /// Catalogue reads that failed in a row.
     failed_reads: u32,
+    /// When a load of each model last failed without saying why: room is made for it once,
+    /// not again and again (a model that fails to load for another reason would otherwise
+    /// evict everything).
+    load_failed_at: HashMap<String, Instant>,
     next_serial: u64,
     /// Set by `Drain`: no new tasks start.
     stopping: bool,
@@ -223,6 +229,7 @@ pub(super) async fn run(
         recently_vanished: HashMap::new(),
         engine_loaded: HashMap::new(),
         failed_reads: 0,
+        load_failed_at: HashMap::new(),
         next_serial: 1,
         stopping: false,
         adopt: BTreeSet::new(),
@@ -718,7 +725,7 @@ impl Actor {
                     // LM Studio's memory is not lmsd's budget: if it ran out (or a load failed
                     // the way LM Studio reports running out), make more room while something
                     // can give way, and try again (the waiters still wait).
-                    Err(error) if error.may_be_memory() && self.evict_one_for_memory(now) => {
+                    Err(error) if self.may_make_room(&model, &error, now) => {
                         tracing::warn!(model = %model, %error, "the load failed, maybe for lack of memory; evicting one more instance and retrying");
                     }
                     // The reply was lost, not the load: it may still finish on the engine. Wait
@@ -841,6 +848,23 @@ impl Actor {
                     loaded,
                 });
             }
+        }
+    }
+
+    /// After a load failed for lack of memory, or the way LM Studio reports it: evicts one more
+    /// idle instance to retry in its room. For a failure that names no cause, only once a
+    /// minute per model.
+    fn may_make_room(&mut self, model: &str, error: &BackendError, now: Instant) -> bool {
+        match error {
+            BackendError::OutOfMemory { .. } => self.evict_one_for_memory(now),
+            BackendError::LoadFailed { .. } => {
+                let recent = self
+                    .load_failed_at
+                    .insert(model.to_owned(), now)
+                    .is_some_and(|at| now.saturating_duration_since(at) < LOAD_FAILURE_MEMORY);
+                !recent && self.evict_one_for_memory(now)
+            }
+            _ => false,
         }
     }
 
@@ -1536,15 +1560,37 @@ impl Actor {
             return Some(Ok(()));
         }
         if count == 0 && !self.loads.contains_key(&model.key) {
-            // Instances there are, but too small for this task (the engine loaded less
-            // context than asked, or another task chose it): fail now, with both sizes.
-            if let Some(largest) = self
+            // Instances there are, but with too little context for this task. One lmsd may
+            // unload is reloaded with more, unless the engine already gave it less than lmsd
+            // asked for (it would again); otherwise the task fails now, with both sizes.
+            let small: Vec<&Instance> = self
                 .instances
                 .iter()
                 .filter(|i| i.model == model.key && usable(i))
-                .max_by_key(|i| i.context_length)
-            {
-                return Some(Err(too_small(largest)));
+                .collect();
+            if let Some(largest) = small.iter().max_by_key(|i| i.context_length) {
+                let reloadable = small
+                    .iter()
+                    .find(|i| {
+                        (i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external)
+                            && !self.pins.contains(&i.model)
+                            && i.requested_context.is_none_or(|asked| asked < need)
+                    })
+                    .map(|i| (i.id.clone(), i.in_flight));
+                match reloadable {
+                    None => return Some(Err(too_small(largest))),
+                    Some((id, 0)) => {
+                        tracing::info!(instance = %id, need, "reloading with more context for a task that needs it");
+                        self.start_unload(&id, "context");
+                    }
+                    // Its running tasks end first; no new ones go to it meanwhile.
+                    Some((id, _)) => {
+                        if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
+                            instance.swap_out = true;
+                        }
+                    }
+                }
+                return None;
             }
         }
         if count > 0 {
@@ -1585,7 +1631,11 @@ impl Actor {
             return None;
         }
         let wanted = need.div_ceil(1024).saturating_mul(1024);
-        Some(model.max_context_length.map_or(wanted, |max| wanted.min(max)))
+        Some(
+            model
+                .max_context_length
+                .map_or(wanted, |max| wanted.min(max)),
+        )
     }
 
     fn serve_load(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {

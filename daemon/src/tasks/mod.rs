@@ -546,24 +546,20 @@ impl<'a> Task<'a> {
             self.report.attempts += 1;
             // Boxed, like `perform` below: an async fn's state holds room for every future it
             // awaits, so a queued task would carry a running one's. Boxes exist only while used.
-            let lease = match Box::pin(self.acquire(
-                &candidate.model,
-                ttl,
-                context_length,
-                min_context,
-            ))
-            .await
-            {
-                Ok(lease) => lease,
-                // The catalogue may be stale (a model downloaded a moment ago): read it again
-                // once before giving up on the name.
-                Err(TaskError::Pool(PoolError::NotFound { .. })) if !reread => {
-                    reread = true;
-                    let _ = self.ctx.pool.models().await;
-                    continue;
-                }
-                Err(error) => return Err(error),
-            };
+            let lease =
+                match Box::pin(self.acquire(&candidate.model, ttl, context_length, min_context))
+                    .await
+                {
+                    Ok(lease) => lease,
+                    // The catalogue may be stale (a model downloaded a moment ago): read it again
+                    // once before giving up on the name.
+                    Err(TaskError::Pool(PoolError::NotFound { .. })) if !reread => {
+                        reread = true;
+                        let _ = self.ctx.pool.models().await;
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
             let instance = lease.instance_id.clone();
             let result = Box::pin(self.perform(&lease, candidate, work)).await;
             drop(lease);
@@ -776,7 +772,11 @@ impl<'a> Task<'a> {
                 message: format!("asked {asked:?} for embeddings, and {answered:?} answered"),
             }));
         }
-        tracing::debug!(asked, answered, "embedding reply names an unknown model; accepted");
+        tracing::debug!(
+            asked,
+            answered,
+            "embedding reply names an unknown model; accepted"
+        );
         Ok(())
     }
 
