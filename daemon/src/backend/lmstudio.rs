@@ -315,13 +315,7 @@ impl LmStudio {
                     .unwrap_or_default()
                     .to_owned()
             };
-            // Every data object carries its event's name in `type` too: a frame without an
-            // `event:` line (named `message` by SSE) still says what it is.
-            let name = match event.event.as_str() {
-                "" | "message" => data.get("type").and_then(Value::as_str).unwrap_or_default(),
-                name => name,
-            };
-            match name {
+            match event_name(&event.event, &data) {
                 "model_load.progress" => {
                     let progress = data.get("progress").and_then(Value::as_f64).unwrap_or(0.0);
                     on_event(StreamEvent::LoadProgress {
@@ -352,6 +346,15 @@ impl LmStudio {
             status,
             detail: "the event stream ended before chat.end".into(),
         }))
+    }
+}
+
+/// An SSE event's name: its `event:` line, or — for a frame without one, which SSE names
+/// `message` — the `type` every LM Studio payload carries.
+fn event_name<'a>(event: &'a str, data: &'a Value) -> &'a str {
+    match event {
+        "" | "message" => data.get("type").and_then(Value::as_str).unwrap_or_default(),
+        name => name,
     }
 }
 
@@ -481,6 +484,16 @@ mod tests {
 
         let oom = decode_reply::<LoadReply>(500, br#"{"error":{"type":"internal_error","message":"Failed to load model. Error: Model loading was stopped due to insufficient system resources."}}"#).unwrap_err();
         assert!(matches!(oom, BackendError::OutOfMemory { .. }) && !oom.is_transient());
+    }
+
+    #[test]
+    fn an_event_without_its_name_is_read_by_its_type() {
+        let data = serde_json::json!({"type": "message.delta", "content": "Hi"});
+        assert_eq!(event_name("message.delta", &data), "message.delta");
+        assert_eq!(event_name("", &data), "message.delta");
+        assert_eq!(event_name("message", &data), "message.delta");
+        assert_eq!(event_name("chat.end", &data), "chat.end");
+        assert_eq!(event_name("", &serde_json::json!({})), "");
     }
 
     #[test]
