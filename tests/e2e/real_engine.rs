@@ -143,6 +143,34 @@ async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
     let streamed = daemon.ctl(&[&say[..], &["--stream"]].concat()).await;
     assert_eq!(streamed.code, 0, "{}", streamed.stderr);
     assert_eq!(streamed.stdout.trim_end(), text.trim_end());
+    // A one-shot chat leaves no conversation behind.
+    assert!(plain["response_id"].is_null(), "{plain}");
+    // llama-server takes OpenAI's temperatures, up to 2.
+    daemon
+        .ctl_json(&[&say[..2], &["hot", "--temperature", "1.5"]].concat())
+        .await;
+    // Its child's --parallel is unset: llama-server's "auto" gives it 4 slots.
+    let status = daemon.status().await;
+    assert_eq!(status.instances[0].parallel, Some(4));
+    assert_eq!(status.instances[0].context_length, 512);
+
+    // An input clearly longer than the context is refused before it reaches the engine (a
+    // reload would not help: the context is the preset's); one only the engine finds too long
+    // is context_exceeded with llama.cpp's two sizes.
+    let long = daemon
+        .ctl_with_stdin(&["chat", TINY_A, "-"], &"word ".repeat(1000))
+        .await;
+    assert_eq!(long.code, 16, "{}", long.stderr);
+    assert!(long.stderr.contains("has 512 tokens"), "{}", long.stderr);
+    let over = daemon
+        .ctl_with_stdin(&["chat", TINY_A, "-"], &"w ".repeat(700))
+        .await;
+    assert_eq!(over.code, 16, "{}", over.stderr);
+    assert!(
+        over.stderr.contains("the instance has 512"),
+        "{}",
+        over.stderr
+    );
 
     // The model's real memory, read from its child process, now sizes it for the budget.
     let models = daemon.ctl_json(&["models"]).await;

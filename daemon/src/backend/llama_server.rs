@@ -29,6 +29,8 @@ pub const CONVERSATIONS_MAX: usize = 4096;
 /// Text the kept replies may hold together (their earlier turns, shared, come on top).
 pub const CONVERSATIONS_MAX_BYTES: usize = 64 << 20;
 const LOAD_PATH: &str = "/models/load";
+/// Slots of a child whose `--parallel` is unset or `-1` (llama-server's "auto").
+const AUTO_PARALLEL: u32 = 4;
 /// How often a load or unload is checked on while the router carries it out.
 const STATE_POLL: Duration = Duration::from_millis(50);
 
@@ -488,7 +490,15 @@ fn to_model(model: RouterModel, size_bytes: u64) -> Model {
             id: model.id.clone(),
             config: InstanceConfig {
                 context_length: context_length.unwrap_or(0),
-                parallel: number(&["-np", "--parallel"]),
+                // Unset (or -1), llama-server picks its own: "n_parallel is set to auto,
+                // using n_parallel = 4 and kv_unified = true".
+                parallel: Some(
+                    model
+                        .arg(&["-np", "--parallel"])
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .filter(|n| *n > 0)
+                        .map_or(AUTO_PARALLEL, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+                ),
             },
         }]
     } else {
@@ -729,6 +739,7 @@ mod tests {
     fn reads_the_router_listing() {
         let listing: RouterModels = serde_json::from_str(
             r#"{"data":[{"id":"tiny-a","status":{"value":"loaded","args":["--port","40001","-m","/models/tiny-a.gguf","-c","1024","-np","4"]}},
+                        {"id":"tiny-b","status":{"value":"loaded","args":["-m","/models/tiny-b.gguf","-c","2048"]}},
                         {"id":"gemma","status":{"value":"unloaded"}}]}"#,
         )
         .unwrap();
@@ -740,6 +751,8 @@ mod tests {
         assert_eq!(tiny.loaded_instances[0].config.context_length, 1024);
         assert_eq!(tiny.loaded_instances[0].config.parallel, Some(4));
         assert_eq!(tiny.max_context_length, Some(1024));
+        let auto = to_model(models.next().unwrap(), 7);
+        assert_eq!(auto.loaded_instances[0].config.parallel, Some(4));
         let gemma = to_model(models.next().unwrap(), 0);
         assert!(gemma.loaded_instances.is_empty());
         assert_eq!(gemma.max_context_length, None);

@@ -1569,10 +1569,13 @@ impl Actor {
                 .filter(|i| i.model == model.key && usable(i))
                 .collect();
             if let Some(largest) = small.iter().max_by_key(|i| i.context_length) {
+                // llama-server takes its context from its preset: a reload gives the same.
+                let takes_settings = self.backend.accept_load_settings(true).is_ok();
                 let reloadable = small
                     .iter()
                     .find(|i| {
-                        (i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external)
+                        takes_settings
+                            && (i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external)
                             && !self.pins.contains(&i.model)
                             && i.requested_context.is_none_or(|asked| asked < need)
                     })
