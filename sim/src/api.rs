@@ -129,6 +129,18 @@ pub(crate) async fn pause(duration: Duration) {
 }
 
 /// Parses a request body strictly, answering as LM Studio's validator does.
+/// What every POST route checks first: auth and faults (see [`guard`]), then its body, parsed
+/// strictly.
+pub(crate) async fn accept<T: for<'de> Deserialize<'de>>(
+    shared: &Shared,
+    route: Route,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Option<Fault>, T), Response> {
+    let fault = guard(shared, route, headers).await?;
+    Ok((fault, parse_body(body)?))
+}
+
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| {
         let message = match e.classify() {
@@ -271,12 +283,8 @@ pub(crate) async fn load_instance(
 }
 
 async fn load(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let fault = match guard(&shared, Route::Load, &headers).await {
-        Ok(fault) => fault,
-        Err(response) => return response,
-    };
-    let body: LoadBody = match parse_body(&body) {
-        Ok(body) => body,
+    let (fault, body): (_, LoadBody) = match accept(&shared, Route::Load, &headers, &body).await {
+        Ok(accepted) => accepted,
         Err(response) => return response,
     };
     let settings = LoadSettings {
@@ -330,12 +338,9 @@ struct UnloadBody {
 }
 
 async fn unload(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let fault = match guard(&shared, Route::Unload, &headers).await {
-        Ok(fault) => fault,
-        Err(response) => return response,
-    };
-    let body: UnloadBody = match parse_body(&body) {
-        Ok(body) => body,
+    let (fault, body): (_, UnloadBody) = match accept(&shared, Route::Unload, &headers, &body).await
+    {
+        Ok(accepted) => accepted,
         Err(response) => return response,
     };
     let result = match fault {

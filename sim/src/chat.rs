@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::api::{error_json, error_response, guard, load_instance, parse_body, pause, InFlight};
+use crate::api::{accept, error_json, error_response, load_instance, pause, InFlight};
 use crate::catalogue::SimModel;
 use crate::faults::{Fault, Route};
 use crate::state::{ApiError, LoadSettings, StoredResponse, Target};
@@ -304,12 +304,8 @@ pub(crate) async fn chat(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = match guard(&shared, Route::Chat, &headers).await {
-        Ok(fault) => fault,
-        Err(response) => return response,
-    };
-    let body: ChatBody = match parse_body(&body) {
-        Ok(body) => body,
+    let (fault, body): (_, ChatBody) = match accept(&shared, Route::Chat, &headers, &body).await {
+        Ok(accepted) => accepted,
         Err(response) => return response,
     };
     let words = match validate(&body) {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{error_response, guard, load_instance, parse_body, pause, InFlight};
+use crate::api::{accept, error_response, load_instance, pause, InFlight};
 use crate::faults::{Fault, Route};
 use crate::state::{ApiError, LoadSettings, Target, CRASH_MESSAGE};
 use crate::Shared;
@@ -55,14 +55,11 @@ pub(crate) async fn embeddings(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fault = match guard(&shared, Route::Embeddings, &headers).await {
-        Ok(fault) => fault,
-        Err(response) => return response,
-    };
-    let body: EmbeddingsBody = match parse_body(&body) {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
+    let (fault, body): (_, EmbeddingsBody) =
+        match accept(&shared, Route::Embeddings, &headers, &body).await {
+            Ok(accepted) => accepted,
+            Err(response) => return response,
+        };
     let texts: Vec<String> = match body.input {
         Value::String(text) => vec![text],
         Value::Array(items) => items

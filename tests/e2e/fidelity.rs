@@ -229,8 +229,7 @@ async fn a_load_with_less_context_than_asked_is_shown_and_spared_tasks_that_need
     daemon
         .wait_for_log("loaded another context length than lmsd asked for")
         .await;
-    let status = daemon.status().await;
-    let instance = status.instances.iter().find(|i| i.model == QWEN).unwrap();
+    let instance = daemon.instance_of(QWEN).await;
     assert_eq!(
         (instance.context_length, instance.requested_context_length),
         (4096, Some(16384))
@@ -278,13 +277,7 @@ async fn a_load_with_less_context_than_asked_is_shown_and_spared_tasks_that_need
         .ctl_json(&["chat", GRANITE, "x", "--min-context", "20000"])
         .await;
     assert!(content(&big).contains("Simulated reply"), "{big}");
-    let status = daemon.status().await;
-    let granite = status
-        .instances
-        .iter()
-        .find(|i| i.model == GRANITE)
-        .unwrap();
-    assert_eq!(granite.context_length, 20480);
+    assert_eq!(daemon.instance_of(GRANITE).await.context_length, 20480);
     let vl = daemon
         .ctl_json(&["chat", QWEN_VL, "x", "--min-context", "9000"])
         .await;

@@ -251,6 +251,16 @@ impl TestDaemon {
         }
     }
 
+    /// The status of `model`'s instance (the first, if it has several).
+    pub async fn instance_of(&self, model: &str) -> lmsd_proto::InstanceStatus {
+        let status = self.status().await;
+        status
+            .instances
+            .into_iter()
+            .find(|i| i.model == model)
+            .unwrap_or_else(|| panic!("{model} has no instance"))
+    }
+
     /// Polls status until `check` holds.
     pub async fn wait_for_status(
         &self,

@@ -604,13 +604,10 @@ async fn ctl_works_as_the_old_scripts_did() {
         )
         .await;
     assert_eq!(piped.code, 0);
-    let status = daemon.status().await;
-    let granite = status
-        .instances
-        .iter()
-        .find(|i| i.model == GRANITE)
-        .unwrap();
-    assert_eq!(granite.ttl, lmsd_proto::Ttl::Never);
+    assert_eq!(
+        daemon.instance_of(GRANITE).await.ttl,
+        lmsd_proto::Ttl::Never
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
