@@ -108,12 +108,33 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, WireError> {
 /// Fields of OpenAI's requests that change nothing lmsd answers, so they may pass unread.
 const HARMLESS: [&str; 3] = ["user", "metadata", "store"];
 
+/// Fields that change nothing at these values, which clients often send as defaults.
+fn neutral(key: &str, value: &Value) -> bool {
+    match key {
+        "n" | "top_p" => value.as_f64() == Some(1.0),
+        "frequency_penalty" | "presence_penalty" => value.as_f64() == Some(0.0),
+        "logprobs" | "parallel_tool_calls" => value == &Value::Bool(false),
+        "tool_choice" => value == "none",
+        "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
+        _ => false,
+    }
+}
+
+/// Null, `[]` or `{}`: what a client sends for a field it does not use.
+fn unset(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        Value::Object(fields) => fields.is_empty(),
+        _ => false,
+    }
+}
+
 /// The first field of `rest` (what a body had beyond the fields lmsd reads) that lmsd cannot
 /// honour, as a 400 naming it.
 fn refuse_unsupported(rest: &serde_json::Map<String, Value>) -> Option<Response> {
     let unsupported = rest.iter().find(|(key, value)| {
-        let single_choice = key.as_str() == "n" && value.as_u64() == Some(1);
-        !HARMLESS.contains(&key.as_str()) && !single_choice && !value.is_null()
+        !HARMLESS.contains(&key.as_str()) && !neutral(key, value) && !unset(value)
     });
     unsupported.map(|(key, _)| {
         error_about(
@@ -238,10 +259,12 @@ fn chat_request(body: &ChatCompletionBody) -> Result<ChatRequest, WireError> {
                 "lmsd's front door takes text content only, not {kind:?} parts"
             )));
         }
+        // A message echoed back from an earlier reply carries its empty extras (`refusal`,
+        // `annotations`, `tool_calls`…): only set ones are refused.
         if let Some((key, _)) = message
             .rest
             .iter()
-            .find(|(key, v)| !v.is_null() && key.as_str() != "name")
+            .find(|(key, v)| !unset(v) && key.as_str() != "name")
         {
             return Err(WireError::bad_request(format!(
                 "lmsd's front door does not support {key:?} in messages yet"

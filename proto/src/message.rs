@@ -862,6 +862,24 @@ mod tests {
     }
 
     #[test]
+    fn an_event_from_a_newer_daemon_reads_as_unknown_and_the_new_fields_are_optional() {
+        let golden = r#"{"id":"e1","type":"event","event":"gpu_melted","degrees":900}"#;
+        let event: Reply = serde_json::from_str(golden).unwrap();
+        assert_eq!(event, Reply::event("e1".into(), Event::Unknown));
+        let mismatch = r#"{"id":"e1","type":"event","event":"context_mismatch","model":"m","instance_id":"m","requested":16384,"loaded":4096}"#;
+        assert!(matches!(
+            serde_json::from_str::<Reply>(mismatch).unwrap().body,
+            ReplyBody::Event(Event::ContextMismatch { loaded: 4096, .. })
+        ));
+        // A chat line from an older client, without `store`, still parses.
+        let chat = parse(r#"{"v":1,"id":"c","type":"chat","model":"m","input":"x"}"#).unwrap();
+        assert!(matches!(
+            chat.request,
+            Request::Chat(ChatRequest { store: false, .. })
+        ));
+    }
+
+    #[test]
     fn replies_round_trip_with_their_documented_shape() {
         let reply = Reply::result(
             "c1".into(),

@@ -75,9 +75,21 @@ try:
     raise SystemExit("a temperature above LM Studio's range must be refused")
 except openai.BadRequestError as error:
     assert "0 to 1" in error.body["message"], error.body
-# Harmless fields pass.
+# Harmless fields pass, and so do the neutral values clients send as defaults, and an assistant
+# message echoed back from an earlier reply with its empty extras.
 client.chat.completions.create(
-    model="ibm/granite-4-micro", messages=[{"role": "user", "content": "x"}], user="me", n=1, temperature=0.7
+    model="ibm/granite-4-micro",
+    messages=[
+        {"role": "user", "content": "x"},
+        reply.choices[0].message.model_dump(),
+        {"role": "user", "content": "and then?"},
+    ],
+    user="me",
+    n=1,
+    top_p=1,
+    frequency_penalty=0,
+    presence_penalty=0,
+    temperature=0.7,
 )
 
 try:

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::pool::{AcquireRequest, Lease, PoolError, PoolHandle, PoolProgress};
 use choice::{Candidate, PoolView};
 use registry::{Registry, TaskHandle};
-use sessions::{Sessions, SystemPrompt};
+use sessions::{Conversation, Sessions, SystemPrompt};
 
 /// Why a request failed. Mapped to wire codes in one place: [`TaskError::to_wire`].
 #[derive(Debug, thiserror::Error)]
@@ -721,25 +721,23 @@ impl<'a> Task<'a> {
         }
     }
 
-    /// The conversation a chat continues, if any: its explicit `previous_response_id`, else its
-    /// session's on `model`. A system prompt other than the one that conversation began with
-    /// is refused: the engine keeps the first, and would silently ignore (llama-server) or
-    /// refuse (LM Studio) another.
+    /// The conversation a chat continues, if any (see [`Sessions::conversation`]). A system
+    /// prompt other than the one that conversation began with is refused: the engine keeps the
+    /// first, and would silently ignore (llama-server) or refuse (LM Studio) another.
     fn continues(
         &self,
         chat: &ChatRequest,
         model: &str,
-    ) -> Result<Option<Continuation>, TaskError> {
-        let (response_id, began_with) = match (&chat.previous_response_id, &chat.session) {
-            (Some(id), _) => (id.clone(), self.ctx.sessions.system_of(id)),
-            (None, Some(session)) => match self.ctx.sessions.last_response(session, model) {
-                Some(last) => last,
-                None => return Ok(None),
-            },
-            (None, None) => return Ok(None),
+    ) -> Result<Option<Conversation>, TaskError> {
+        let Some(conversation) = self.ctx.sessions.conversation(
+            chat.previous_response_id.as_deref(),
+            chat.session.as_deref(),
+            model,
+        ) else {
+            return Ok(None);
         };
         let asked = chat.system_prompt.as_deref();
-        match (asked, began_with) {
+        match (asked, conversation.began_with) {
             (None, _) => {}
             (Some(_), Some(began)) if began == SystemPrompt::of(asked) => {}
             (Some(_), Some(_)) => {
@@ -748,13 +746,15 @@ impl<'a> Task<'a> {
                     chat.session.as_deref().map_or(String::new(), |s| format!(" (`lmsd-ctl sessions forget {s}`, or another session name)"))
                 )))
             }
+            // A session recorded before lmsd kept its prompt: this one is taken as its prompt.
+            (Some(_), None) if conversation.in_session => {}
             (Some(_), None) => {
                 return Err(TaskError::BadRequest(
                     "a chat that continues a previous_response_id lmsd did not answer cannot carry a system_prompt: the engine keeps the one its conversation began with; leave it out".into(),
                 ))
             }
         }
-        Ok(Some(Continuation { response_id }))
+        Ok(Some(conversation))
     }
 
     /// An embedding reply that names another model than the leased instance's: when that is a
@@ -784,11 +784,6 @@ impl<'a> Task<'a> {
         self.report.total_ms = millis(self.submitted.elapsed());
         self.report
     }
-}
-
-/// The conversation a chat continues.
-struct Continuation {
-    response_id: String,
 }
 
 /// Tokens a text surely needs: no tokenizer averages more than this many bytes per token on
@@ -1049,25 +1044,17 @@ async fn run_chat(
         });
     };
     if let Some(response_id) = &reply.response_id {
-        // The conversation's system prompt: this chat's when it began one, else its start's.
-        let continued = request.previous_response_id.clone().or_else(|| {
-            let session = request.session.as_deref()?;
-            // Already replaced by this reply only below: this is the turn it continued.
-            ctx.sessions
-                .last_response(session, &report.model)
-                .map(|(id, _)| id)
-        });
-        let system = match continued {
-            Some(previous) => ctx
-                .sessions
-                .system_of(&previous)
-                .or_else(|| {
-                    let session = request.session.as_deref()?;
-                    ctx.sessions.last_response(session, &report.model)?.1
-                })
-                .unwrap_or(SystemPrompt::of(request.system_prompt.as_deref())),
-            None => SystemPrompt::of(request.system_prompt.as_deref()),
-        };
+        // The conversation's system prompt: the one it began with, or this chat's if it began
+        // one (the session still names the turn this chat continued).
+        let system = ctx
+            .sessions
+            .conversation(
+                request.previous_response_id.as_deref(),
+                request.session.as_deref(),
+                &report.model,
+            )
+            .and_then(|c| c.began_with)
+            .unwrap_or(SystemPrompt::of(request.system_prompt.as_deref()));
         match &request.session {
             Some(session) => ctx
                 .sessions

@@ -47,6 +47,17 @@ fn fingerprint(text: &str) -> u64 {
     })
 }
 
+/// The conversation a chat continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The reply it continues from.
+    pub response_id: String,
+    /// The system prompt it began with, when lmsd knows it.
+    pub began_with: Option<SystemPrompt>,
+    /// Found through a session (not an explicit `previous_response_id`).
+    pub in_session: bool,
+}
+
 /// Replies lmsd remembers the system prompt of, for continuations by `previous_response_id`.
 const RECENT_MAX: usize = 4096;
 
@@ -120,6 +131,32 @@ impl Sessions {
             .get(session)?
             .get(model)
             .map(|turn| (turn.response_id.clone(), turn.system))
+    }
+
+    /// The conversation a chat continues on `model`: its explicit `previous_response_id`, else
+    /// its session's.
+    pub fn conversation(
+        &self,
+        previous_response_id: Option<&str>,
+        session: Option<&str>,
+        model: &str,
+    ) -> Option<Conversation> {
+        match (previous_response_id, session) {
+            (Some(id), _) => Some(Conversation {
+                response_id: id.to_owned(),
+                began_with: self.system_of(id),
+                in_session: false,
+            }),
+            (None, Some(session)) => {
+                let (response_id, began_with) = self.last_response(session, model)?;
+                Some(Conversation {
+                    response_id,
+                    began_with,
+                    in_session: true,
+                })
+            }
+            (None, None) => None,
+        }
     }
 
     /// The system prompt of the conversation `response_id` ends, if lmsd answered it lately.
