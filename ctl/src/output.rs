@@ -71,6 +71,9 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
                 );
             }
         }
+        Outcome::Unknown => println!(
+            "lmsd answered with a kind of result this lmsd-ctl does not know: update lmsd-ctl"
+        ),
         Outcome::Reload(reload) => {
             let from = reload
                 .path

@@ -316,6 +316,9 @@ pub enum Outcome {
     Sessions(SessionList),
     Savings(SavingsReport),
     Metrics(MetricsText),
+    /// A result kind this client does not know yet (from a newer daemon).
+    #[serde(other)]
+    Unknown,
 }
 
 /// Prometheus' text exposition format.
