@@ -106,15 +106,25 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, WireError> {
 }
 
 /// Fields of OpenAI's requests that change nothing lmsd answers, so they may pass unread.
-const HARMLESS: [&str; 3] = ["user", "metadata", "store"];
+const HARMLESS: [&str; 6] = [
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+];
 
 /// Fields that change nothing at these values, which clients often send as defaults.
 fn neutral(key: &str, value: &Value) -> bool {
     match key {
         "n" | "top_p" => value.as_f64() == Some(1.0),
         "frequency_penalty" | "presence_penalty" => value.as_f64() == Some(0.0),
-        "logprobs" | "parallel_tool_calls" => value == &Value::Bool(false),
-        "tool_choice" => value == "none",
+        "logprobs" => value == &Value::Bool(false),
+        "top_logprobs" => value.as_u64() == Some(0),
+        // Without tools (which are refused), these choose nothing.
+        "parallel_tool_calls" => value.is_boolean(),
+        "tool_choice" => value == "none" || value == "auto",
         "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
         _ => false,
     }

@@ -282,6 +282,36 @@ async fn a_load_with_less_context_than_asked_is_shown_and_spared_tasks_that_need
         .ctl_json(&["chat", QWEN_VL, "x", "--min-context", "9000"])
         .await;
     assert!(content(&vl).contains("Simulated reply"), "{vl}");
+
+    // What no load can give fails at once, rather than reloading until the deadline.
+    let beyond = daemon
+        .ctl(&["chat", GRANITE, "x", "--min-context", "200000"])
+        .await;
+    assert_eq!(beyond.code, 16, "{}", beyond.stderr);
+    assert!(
+        beyond.stderr.contains("largest context is 131072 tokens"),
+        "{}",
+        beyond.stderr
+    );
+    let self_defeating = daemon
+        .ctl(&[
+            "chat",
+            QWEN_VL,
+            "x",
+            "--min-context",
+            "30000",
+            "--context-length",
+            "8192",
+        ])
+        .await;
+    assert_eq!(self_defeating.code, 16, "{}", self_defeating.stderr);
+    assert!(
+        self_defeating
+            .stderr
+            .contains("asks to load it with context_length 8192"),
+        "{}",
+        self_defeating.stderr
+    );
 }
 
 // 7 -------------------------------------------------------------------------------------------
@@ -344,7 +374,15 @@ async fn a_crashed_instance_is_reloaded_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_whose_reply_was_lost_is_adopted_not_repeated() {
     let sim = start_sim(SimConfig::zero_delay()).await;
-    let daemon = TestDaemon::start(&sim.url()).await;
+    // A lost load is waited for up to request_timeout: an hour, so that one taken for lost by
+    // mistake would show as a hang.
+    let daemon = TestDaemon::start_with(&sim.url(), "request_timeout = \"1h\"\n", &[]).await;
+    // An error page is an answer, not a lost reply: the load did not happen.
+    sim.inject(Route::Load, Fault::Html500, Times::Always);
+    let failed = daemon.ctl(&["chat", QWEN, "hello"]).await;
+    assert_eq!(failed.code, 6, "{}", failed.stderr);
+    sim.clear_faults();
+
     sim.inject(Route::Load, Fault::DropLoadReply, Times::Once);
     let chat = daemon
         .ctl_json(&["chat", GRANITE, "hello", "--ttl", "300ms"])

@@ -161,7 +161,11 @@ async fn lists_loads_chats_streams_and_unloads_on_llama_server() {
         .ctl_with_stdin(&["chat", TINY_A, "-"], &"word ".repeat(1000))
         .await;
     assert_eq!(long.code, 16, "{}", long.stderr);
-    assert!(long.stderr.contains("has 512 tokens"), "{}", long.stderr);
+    assert!(
+        long.stderr.contains("largest context is 512 tokens"),
+        "{}",
+        long.stderr
+    );
     let over = daemon
         .ctl_with_stdin(&["chat", TINY_A, "-"], &"w ".repeat(700))
         .await;

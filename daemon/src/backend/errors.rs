@@ -12,8 +12,13 @@ use serde_json::Value;
 /// A failed call to the engine, classified for retry and for the wire.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
+    /// No connection could be made: the engine is not listening (down, restarting).
     #[error("the engine at {url} is unreachable: {detail}")]
     Unreachable { url: String, detail: String },
+    /// The request went out, and the connection broke before its whole reply came back: the
+    /// engine may have acted on it.
+    #[error("the connection to the engine at {url} broke before its reply: {detail}")]
+    ReplyLost { url: String, detail: String },
     #[error("the engine did not answer within {}", humantime::format_duration(*after))]
     Timeout { after: Duration },
     #[error("the engine rejected the API token: {message} (set token or token_file in [lmstudio] or [llama_server], or LMSD_LMSTUDIO_TOKEN / LMSD_LLAMA_SERVER_TOKEN)")]
@@ -70,6 +75,7 @@ impl BackendError {
     pub fn is_transient(&self) -> bool {
         match self {
             BackendError::Unreachable { .. }
+            | BackendError::ReplyLost { .. }
             | BackendError::Timeout { .. }
             | BackendError::Malformed { .. } => true,
             BackendError::Api { status, .. } => *status >= 500,
@@ -93,28 +99,29 @@ impl BackendError {
     }
 
     /// A failed call whose request may still have reached the engine and taken effect: the
-    /// reply was lost on the way (a timeout, a cut connection, an unreadable body).
+    /// reply was lost on the way (a timeout, a cut connection, a success that could not be
+    /// read). A refused connection or an error page means it did not.
     pub fn reply_lost(&self) -> bool {
-        matches!(
-            self,
-            BackendError::Timeout { .. }
-                | BackendError::Unreachable { .. }
-                | BackendError::Malformed { .. }
-        )
+        match self {
+            BackendError::Timeout { .. } | BackendError::ReplyLost { .. } => true,
+            BackendError::Malformed { status, .. } => (200..300).contains(status),
+            _ => false,
+        }
     }
 
     /// For a continuation (`previous_response_id`): an error that says the engine does not know
     /// the conversation becomes [`BackendError::ConversationLost`]. The wording is not
     /// documented for `/api/v1/chat`; `/v1/responses` says `previous_response_not_found` or
     /// "Prediction history node … not found" (bug tracker #1188).
+    /// A not-found error that names the response id itself (rather than a model) counts too,
+    /// whatever it was first read as.
     pub fn for_continuation(self, response_id: &str) -> BackendError {
-        let BackendError::Api {
-            ref kind,
-            ref message,
-            ..
-        } = self
-        else {
-            return self;
+        let (kind, message) = match &self {
+            BackendError::Api { kind, message, .. } => (kind.as_deref(), message),
+            BackendError::InstanceGone { message } | BackendError::ModelNotFound { message } => {
+                (None, message)
+            }
+            _ => return self,
         };
         let lower = message.to_lowercase();
         let names_it =
@@ -128,7 +135,7 @@ impl BackendError {
         ]
         .iter()
         .any(|w| lower.contains(w));
-        if kind.as_deref() == Some("previous_response_not_found") || (names_it && missing) {
+        if kind == Some("previous_response_not_found") || (names_it && missing) {
             return BackendError::ConversationLost {
                 response_id: response_id.to_owned(),
                 why: format!("{message} (LM Studio forgets its stored chats when it restarts)"),
@@ -354,6 +361,31 @@ mod tests {
     }
 
     #[test]
+    fn only_a_reply_that_may_have_been_acted_on_is_lost() {
+        let url = String::new;
+        let detail = String::new;
+        let cut = BackendError::ReplyLost {
+            url: url(),
+            detail: detail(),
+        };
+        assert!(cut.reply_lost());
+        assert!(BackendError::Timeout {
+            after: Duration::from_secs(1)
+        }
+        .reply_lost());
+        let refused = BackendError::Unreachable {
+            url: url(),
+            detail: detail(),
+        };
+        assert!(!refused.reply_lost());
+        assert!(!error(500, "<html>Internal Server Error</html>").reply_lost());
+        assert!(
+            error(200, r#"{"text": 7}"#).reply_lost(),
+            "a success that could not be read"
+        );
+    }
+
+    #[test]
     fn a_lost_stored_response_is_recognised_only_on_a_continuation() {
         let lost = error(
             400,
@@ -371,6 +403,21 @@ mod tests {
         assert!(matches!(
             node.for_continuation("resp_9"),
             BackendError::ConversationLost { .. }
+        ));
+        // Read first as a missing instance, or a missing model: it names the response.
+        let identifier = error(400, r#"{"error":"No identifier resp_7 found: not found"}"#);
+        assert!(matches!(identifier, BackendError::InstanceGone { .. }));
+        assert!(matches!(
+            identifier.for_continuation("resp_7"),
+            BackendError::ConversationLost { .. }
+        ));
+        let model = error(
+            404,
+            r#"{"error":{"type":"model_not_found","message":"Model \"m\" not found"}}"#,
+        );
+        assert!(matches!(
+            model.for_continuation("resp_7"),
+            BackendError::ModelNotFound { .. }
         ));
         let other = error(500, r#"{"error":{"type":"unknown","message":"busy"}}"#);
         assert!(matches!(

@@ -18,6 +18,9 @@ use crate::config::{EngineConfig, EngineSection};
 /// How long lmsd keeps an idle connection to the engine until a reply says how long the server
 /// does: under Node's default of 5 s.
 const DEFAULT_IDLE: Duration = Duration::from_secs(4);
+/// A request written onto a connection the server had closed fails within this: only such a
+/// failure is worth sending again.
+const STALE_SOCKET_FAILS_WITHIN: Duration = Duration::from_secs(1);
 
 /// Which limit a call runs under.
 #[derive(Debug, Clone, Copy)]
@@ -203,9 +206,11 @@ impl Http {
             detail = cause.to_string();
             source = cause.source();
         }
-        BackendError::Unreachable {
-            url: self.base.clone(),
-            detail,
+        let url = self.base.clone();
+        if error.is_connect() {
+            BackendError::Unreachable { url, detail }
+        } else {
+            BackendError::ReplyLost { url, detail }
         }
     }
 
@@ -241,10 +246,17 @@ impl Http {
             Resend::Once => request.try_clone(),
             Resend::Never => None,
         };
+        let sent = std::time::Instant::now();
         let response = match request.send().await {
             Ok(response) => response,
+            // A socket the server had closed fails at once; a connection that broke later,
+            // during a long generation, is not resent (that would be a second generation).
             Err(error) => match again {
-                Some(again) if !error.is_timeout() && !error.is_connect() => {
+                Some(again)
+                    if !error.is_timeout()
+                        && !error.is_connect()
+                        && sent.elapsed() < STALE_SOCKET_FAILS_WITHIN =>
+                {
                     tracing::debug!(url = %self.base, error = %self.transport_error(&error, timeout), "request failed before any reply; sending it once more");
                     again
                         .send()
@@ -334,7 +346,7 @@ impl Http {
 
     /// The error for a broken event stream.
     pub fn stream_broke(&self, error: impl std::fmt::Display) -> BackendError {
-        BackendError::Unreachable {
+        BackendError::ReplyLost {
             url: self.base.clone(),
             detail: format!("the event stream broke: {error}"),
         }

@@ -77,6 +77,7 @@ struct PendingLoad {
     size_bytes: u64,
     context_length: Option<u32>,
     ttl_override: Option<Ttl>,
+    started: Instant,
     /// The load's reply was lost (timeout, cut connection, unreadable): it may still finish on
     /// the engine, so lmsd waits for its instance to appear rather than load again (which
     /// would make `key:2`). Since when, and what went wrong.
@@ -174,6 +175,15 @@ struct Actor {
     engine_loaded: HashMap<String, Instant>,
     /// Catalogue reads that failed in a row.
     failed_reads: u32,
+    /// Models whose too-small instance lmsd unloaded to load one with more context: their
+    /// next load names the context it needs.
+    context_reloads: BTreeSet<String>,
+    /// When the engine was last found unreachable, while it is: outages are waited out from
+    /// then, not from when a task was queued.
+    unreachable_since: Option<Instant>,
+    /// Leases out per model, whatever instance they name (one may have vanished): duplicates
+    /// of a model are unloaded only when no task runs on it.
+    leased: HashMap<String, u32>,
     /// When a load of each model last failed without saying why: room is made for it once,
     /// not again and again (a model that fails to load for another reason would otherwise
     /// evict everything).
@@ -189,7 +199,7 @@ struct Actor {
     evictions: VecDeque<(Eviction, Instant)>,
     observers: super::Observers,
     jobs: JoinSet<JobResult>,
-    releases: mpsc::UnboundedSender<u64>,
+    releases: mpsc::UnboundedSender<(u64, String)>,
 }
 
 pub(super) async fn run(
@@ -230,6 +240,9 @@ pub(super) async fn run(
         engine_loaded: HashMap::new(),
         failed_reads: 0,
         load_failed_at: HashMap::new(),
+        context_reloads: BTreeSet::new(),
+        unreachable_since: None,
+        leased: HashMap::new(),
         next_serial: 1,
         stopping: false,
         adopt: BTreeSet::new(),
@@ -257,8 +270,8 @@ pub(super) async fn run(
                     wake = wake.min(actor.next_wake(Instant::now()));
                 }
             }
-            Some(serial) = released.recv() => {
-                actor.release(serial);
+            Some((serial, model)) = released.recv() => {
+                actor.release(serial, &model);
                 actor.pump(Instant::now(), false);
                 wake = wake.min(actor.next_wake(Instant::now()));
             }
@@ -518,7 +531,13 @@ impl Actor {
         }
     }
 
-    fn release(&mut self, serial: u64) {
+    fn release(&mut self, serial: u64, model: &str) {
+        if let Some(count) = self.leased.get_mut(model) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.leased.remove(model);
+            }
+        }
         if let Some(instance) = self.instances.iter_mut().find(|i| i.serial == serial) {
             instance.in_flight = instance.in_flight.saturating_sub(1);
             instance.last_used = Instant::now();
@@ -582,6 +601,7 @@ impl Actor {
             echo_load_config: true,
         };
         tracing::info!(model = %model.key, size_bytes = model.size_bytes, "loading");
+        self.context_reloads.remove(&model.key);
         self.observers.emit(Event::LoadStarted {
             model: model.key.clone(),
         });
@@ -605,6 +625,7 @@ impl Actor {
                 size_bytes: model.size_bytes,
                 context_length: body.context_length,
                 ttl_override,
+                started: Instant::now(),
                 orphaned: None,
             },
         );
@@ -666,6 +687,7 @@ impl Actor {
                             self.observers.emit(Event::Backend { reachable: true });
                         }
                         self.reachable = true;
+                        self.unreachable_since = None;
                         self.last_error = None;
                         self.refreshed_at = Some(now);
                         self.catalogue = Arc::new(self.settings.with_configured_sizes(models));
@@ -686,16 +708,19 @@ impl Actor {
                                 .min(OUTAGE_RETRY_MAX);
                             self.next_poll = self.next_poll.min(now + retry);
                         }
-                        // A load whose reply was lost went down with the engine.
-                        let lost: Vec<String> = self
-                            .loads
-                            .iter()
-                            .filter(|(_, l)| l.orphaned.is_some())
-                            .map(|(key, _)| key.clone())
-                            .collect();
-                        for key in lost {
-                            tracing::warn!(model = %key, "the engine went away while a load's reply was lost; that load is given up");
-                            self.loads.remove(&key);
+                        // An engine that refuses connections has stopped: a load whose reply was
+                        // lost went down with it. (A slow or garbled listing proves nothing.)
+                        if matches!(error, BackendError::Unreachable { .. }) {
+                            let lost: Vec<String> = self
+                                .loads
+                                .iter()
+                                .filter(|(_, l)| l.orphaned.is_some())
+                                .map(|(key, _)| key.clone())
+                                .collect();
+                            for key in lost {
+                                tracing::warn!(model = %key, "the engine went away while a load's reply was lost; that load is given up");
+                                self.loads.remove(&key);
+                            }
                         }
                         let changed = self.last_error.as_ref().map(ToString::to_string)
                             != Some(error.to_string());
@@ -706,6 +731,7 @@ impl Actor {
                             self.observers.emit(Event::Backend { reachable: false });
                         }
                         self.reachable = false;
+                        self.unreachable_since.get_or_insert(now);
                         self.last_error = Some(error);
                     }
                 }
@@ -736,6 +762,8 @@ impl Actor {
                         if let Some(mut pending) = pending {
                             pending.orphaned = Some((now, error));
                             self.loads.insert(model.clone(), pending);
+                            // A read may have listed its instance already.
+                            self.adopt_lost_load(&model);
                         }
                     }
                     Err(error) => {
@@ -1011,37 +1039,13 @@ impl Actor {
                 if adopted {
                     tracing::info!(instance = %listed.id, model = %model.key, "adopted an instance lmsd loaded before it restarted");
                 }
-                // A load whose reply was lost has finished after all: its instance is lmsd's.
-                let orphan = self
-                    .loads
-                    .get(&model.key)
-                    .is_some_and(|l| l.orphaned.is_some())
-                    .then(|| self.loads.remove(&model.key))
-                    .flatten();
-                let (mut requested_context, mut ttl_override) = (None, None);
-                if let Some(orphan) = &orphan {
-                    tracing::info!(instance = %listed.id, model = %model.key, "the load whose reply was lost finished; adopted its instance");
-                    requested_context = orphan.context_length;
-                    ttl_override = orphan.ttl_override;
-                    self.note_context(
-                        &model.key,
-                        &listed.id,
-                        requested_context,
-                        Some(listed.config.context_length),
-                    );
-                    for waiter in self.waiters.iter_mut().filter(|w| w.model == model.key) {
-                        waiter.load_seen = Some(Duration::ZERO);
-                    }
-                }
                 // The engine loaded it just in time for lmsd's chats.
                 let jit = self.engine_loaded.contains_key(&model.key);
                 if jit {
                     tracing::info!(instance = %listed.id, model = %model.key, "adopted an instance the engine loaded just in time for lmsd's chats");
                 }
-                let returned = self.recently_vanished.remove(&listed.id).is_some()
-                    || adopted
-                    || orphan.is_some()
-                    || jit;
+                let returned =
+                    self.recently_vanished.remove(&listed.id).is_some() || adopted || jit;
                 let serial = self.serial();
                 if !returned {
                     tracing::info!(instance = %listed.id, model = %model.key, duplicate, "instance loaded outside lmsd");
@@ -1052,14 +1056,14 @@ impl Actor {
                     model: model.key.clone(),
                     size_bytes: model.size_bytes,
                     context_length: listed.config.context_length,
-                    requested_context,
+                    requested_context: None,
                     parallel: listed.config.parallel.unwrap_or(DEFAULT_PARALLEL).max(1),
                     loaded_by: if returned {
                         LoadedBy::Lmsd
                     } else {
                         LoadedBy::Outside
                     },
-                    ttl_override,
+                    ttl_override: None,
                     in_flight: 0,
                     last_used: now,
                     added_at: now,
@@ -1073,6 +1077,48 @@ impl Actor {
         }
         // Instances from before a restart that LM Studio no longer lists are gone for good.
         self.adopt.clear();
+        let lost_loads: Vec<String> = self
+            .loads
+            .iter()
+            .filter(|(_, l)| l.orphaned.is_some())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in lost_loads {
+            self.adopt_lost_load(&key);
+        }
+    }
+
+    /// A load whose reply was lost has finished after all: the instance of its model that the
+    /// engine listed since it started (as loaded outside lmsd, not knowing better) is lmsd's,
+    /// with the load's TTL and context, and it no longer counts twice in the budget.
+    fn adopt_lost_load(&mut self, key: &str) {
+        let Some(started) = self
+            .loads
+            .get(key)
+            .filter(|l| l.orphaned.is_some())
+            .map(|l| l.started)
+        else {
+            return;
+        };
+        let Some(instance) = self
+            .instances
+            .iter_mut()
+            .find(|i| i.model == key && i.added_at >= started)
+        else {
+            return;
+        };
+        let Some(load) = self.loads.remove(key) else {
+            return;
+        };
+        instance.loaded_by = LoadedBy::Lmsd;
+        instance.ttl_override = load.ttl_override;
+        instance.requested_context = load.context_length;
+        let (id, context_length) = (instance.id.clone(), instance.context_length);
+        tracing::info!(instance = %id, model = key, "the load whose reply was lost finished; adopted its instance");
+        self.note_context(key, &id, load.context_length, Some(context_length));
+        for waiter in self.waiters.iter_mut().filter(|w| w.model == key) {
+            waiter.load_seen = Some(Duration::ZERO);
+        }
     }
 
     // --- policy ---------------------------------------------------------------------------
@@ -1280,7 +1326,10 @@ impl Actor {
                 model: key.clone(),
                 error: error.to_string(),
             });
-            self.fail_waiters_for(&key, &PoolError::Backend(error));
+            // Waiters an instance of the model can serve wait on; the others hear why.
+            if !self.instances.iter().any(|i| i.model == key) {
+                self.fail_waiters_for(&key, &PoolError::Backend(error));
+            }
         }
     }
 
@@ -1299,7 +1348,10 @@ impl Actor {
         for instance in own {
             let count = seen.entry(instance.model.as_str()).or_default();
             *count += 1;
-            if *count > self.settings.max_instances && instance.in_flight == 0 {
+            // A chat that raced into a duplicate may still run on it under a lease of the
+            // instance that vanished: wait until no task runs on the model.
+            let busy = self.leased.contains_key(&instance.model);
+            if *count > self.settings.max_instances && !busy {
                 extra.push(instance.id.clone());
             }
         }
@@ -1432,7 +1484,10 @@ impl Actor {
         }
         if !self.reachable {
             // A short outage (LM Studio restarting) is waited out, up to `outage_wait`.
-            let waited = now.saturating_duration_since(waiter.enqueued);
+            let since = self
+                .unreachable_since
+                .map_or(waiter.enqueued, |down| down.max(waiter.enqueued));
+            let waited = now.saturating_duration_since(since);
             if waiter.waits_for_engine() && waited < self.settings.outage_wait {
                 return Step::Wait;
             }
@@ -1549,6 +1604,9 @@ impl Actor {
         let Some(model) = self.model_named(&name) else {
             return Some(Err(self.not_found(name)));
         };
+        if let Some(error) = self.context_unavailable(&model, index, need) {
+            return Some(Err(error));
+        }
         let (count, free_slot) = self
             .instances
             .iter()
@@ -1561,39 +1619,50 @@ impl Actor {
         }
         if count == 0 && !self.loads.contains_key(&model.key) {
             // Instances there are, but with too little context for this task. One lmsd may
-            // unload is reloaded with more, unless the engine already gave it less than lmsd
-            // asked for (it would again); otherwise the task fails now, with both sizes.
+            // unload is reloaded with more — one at a time, and only where the engine takes a
+            // context and did not already give less than lmsd asked for (it would again);
+            // otherwise the task fails now, with both sizes.
             let small: Vec<&Instance> = self
                 .instances
                 .iter()
                 .filter(|i| i.model == model.key && usable(i))
                 .collect();
             if let Some(largest) = small.iter().max_by_key(|i| i.context_length) {
-                // llama-server takes its context from its preset: a reload gives the same.
-                let takes_settings = self.backend.accept_load_settings(true).is_ok();
-                let reloadable = small
+                let reloading = self
+                    .instances
                     .iter()
-                    .find(|i| {
-                        takes_settings
-                            && (i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external)
-                            && !self.pins.contains(&i.model)
-                            && i.requested_context.is_none_or(|asked| asked < need)
-                    })
-                    .map(|i| (i.id.clone(), i.in_flight));
-                match reloadable {
-                    None => return Some(Err(too_small(largest))),
-                    Some((id, 0)) => {
-                        tracing::info!(instance = %id, need, "reloading with more context for a task that needs it");
-                        self.start_unload(&id, "context");
-                    }
-                    // Its running tasks end first; no new ones go to it meanwhile.
-                    Some((id, _)) => {
-                        if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
-                            instance.swap_out = true;
+                    .any(|i| i.model == model.key && i.unloading == Some("context"));
+                if reloading {
+                    return None;
+                }
+                if !self.context_reloads.contains(&model.key) {
+                    let takes_settings = self.backend.accept_load_settings(true).is_ok();
+                    let reloadable = small
+                        .iter()
+                        .find(|i| {
+                            takes_settings
+                                && (i.loaded_by == LoadedBy::Lmsd || self.settings.manage_external)
+                                && !self.pins.contains(&i.model)
+                                && i.requested_context.is_none_or(|asked| asked < need)
+                        })
+                        .map(|i| (i.id.clone(), i.in_flight));
+                    match reloadable {
+                        None => return Some(Err(too_small(largest))),
+                        Some((id, 0)) => {
+                            tracing::info!(instance = %id, need, "reloading with more context for a task that needs it");
+                            self.context_reloads.insert(model.key.clone());
+                            self.start_unload(&id, "context");
+                        }
+                        // Its running tasks end first; no new ones go to it meanwhile.
+                        Some((id, _)) => {
+                            if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
+                                instance.swap_out = true;
+                            }
                         }
                     }
+                    return None;
                 }
-                return None;
+                // Room was made by a context reload: load the larger instance below.
             }
         }
         if count > 0 {
@@ -1611,7 +1680,9 @@ impl Actor {
         let ttl = waiter.ttl;
         let settings = waiter
             .context_length
-            .or_else(|| self.context_to_load(&model, need))
+            .or_else(|| {
+                self.context_to_load(&model, need, self.context_reloads.contains(&model.key))
+            })
             .map(|context_length| LoadRequest {
                 model: model.key.clone(),
                 context_length: Some(context_length),
@@ -1620,25 +1691,50 @@ impl Actor {
         self.ensure_loading(index, &model, settings.as_ref(), ttl, now)
     }
 
-    /// The context to load `model` with for a task that needs `need` tokens, when the engine's
-    /// default (LM Studio's is usually 4096) and the configured one may be too small.
-    fn context_to_load(&self, model: &Model, need: u32) -> Option<u32> {
+    /// The context to load `model` with for a task that needs `need` tokens: when the engine's
+    /// default (LM Studio's is usually 4096) and the configured one may be too small, or
+    /// (`forced`) when an instance loaded without one turned out too small.
+    fn context_to_load(&self, model: &Model, need: u32, forced: bool) -> Option<u32> {
         const ENGINE_DEFAULT: u32 = 4096;
+        if self.backend.accept_load_settings(true).is_err() {
+            return None;
+        }
         let configured = self
             .settings
             .models
             .get(&model.key)
             .and_then(|m| m.context_length);
-        let enough = configured.unwrap_or(ENGINE_DEFAULT) >= need;
-        if enough || self.backend.accept_load_settings(true).is_err() {
+        if !forced && configured.unwrap_or(ENGINE_DEFAULT) >= need {
             return None;
         }
         let wanted = need.div_ceil(1024).saturating_mul(1024);
-        Some(
-            model
-                .max_context_length
-                .map_or(wanted, |max| wanted.min(max)),
-        )
+        let wanted = model
+            .max_context_length
+            .map_or(wanted, |max| wanted.min(max));
+        Some(wanted.max(configured.unwrap_or(0)))
+    }
+
+    /// Why no instance of `model` can have the context a waiter needs, when that is known before
+    /// loading anything: the model's largest context is smaller, or the task asks to load it
+    /// with less.
+    fn context_unavailable(&self, model: &Model, index: usize, need: u32) -> Option<PoolError> {
+        let unavailable = |why: String| PoolError::ContextUnavailable {
+            model: model.key.clone(),
+            need,
+            why,
+        };
+        if let Some(max) = model
+            .max_context_length
+            .filter(|max| *max > 0 && *max < need)
+        {
+            return Some(unavailable(format!("its largest context is {max} tokens")));
+        }
+        let asked = self.waiters[index].context_length;
+        asked.filter(|asked| *asked < need).map(|asked| {
+            unavailable(format!(
+                "the task asks to load it with context_length {asked}"
+            ))
+        })
     }
 
     fn serve_load(&mut self, index: usize, now: Instant) -> Option<Result<(), PoolError>> {
@@ -1680,7 +1776,10 @@ impl Actor {
         // One load per model; and while evictions for memory run, LM Studio's real memory is in
         // flux: wait for them rather than race a load into them.
         if self.loads.contains_key(&model.key)
-            || self.instances.iter().any(|i| i.unloading == Some("memory"))
+            || self
+                .instances
+                .iter()
+                .any(|i| matches!(i.unloading, Some("memory" | "context")))
         {
             return None;
         }
@@ -1800,6 +1899,12 @@ impl Actor {
         };
         instance.in_flight += 1;
         instance.uses += 1;
+        match self.leased.get_mut(&instance.model) {
+            Some(count) => *count += 1,
+            None => {
+                self.leased.insert(instance.model.clone(), 1);
+            }
+        }
         if ttl.is_some() {
             instance.ttl_override = ttl;
         }

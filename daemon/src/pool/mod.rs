@@ -141,6 +141,12 @@ pub enum PoolError {
     QueueFull(usize),
     #[error("the task's deadline passed while it waited in the queue")]
     DeadlineExceeded,
+    #[error("{model} cannot give the task the context it needs (about {need} tokens): {why}")]
+    ContextUnavailable {
+        model: String,
+        need: u32,
+        why: String,
+    },
     #[error("{model}'s instance {instance_id} has {context_length} tokens of context, and the task needs about {need}; load it with a larger context_length (`lmsd-ctl unload {model}`, then `lmsd-ctl load {model} --context-length N`) or choose another model")]
     ContextTooSmall {
         model: String,
@@ -220,12 +226,14 @@ pub struct Lease {
     /// Set when this task waited for a load of its model; how long that load took.
     pub load_time: Option<Duration>,
     serial: u64,
-    releases: mpsc::UnboundedSender<u64>,
+    releases: mpsc::UnboundedSender<(u64, String)>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = self.releases.send(self.serial);
+        let _ = self
+            .releases
+            .send((self.serial, std::mem::take(&mut self.model)));
     }
 }
 

@@ -60,9 +60,9 @@ pub enum TaskError {
 
 fn backend_code(error: &BackendError) -> ErrorCode {
     match error {
-        BackendError::Unreachable { .. } | BackendError::Timeout { .. } => {
-            ErrorCode::BackendUnreachable
-        }
+        BackendError::Unreachable { .. }
+        | BackendError::ReplyLost { .. }
+        | BackendError::Timeout { .. } => ErrorCode::BackendUnreachable,
         BackendError::ModelNotFound { .. } => ErrorCode::ModelNotFound,
         BackendError::Unsupported { .. } => ErrorCode::BadRequest,
         BackendError::ConversationLost { .. } => ErrorCode::SessionLost,
@@ -88,7 +88,9 @@ impl TaskError {
             TaskError::Pool(PoolError::BudgetExceeded { .. }) => ErrorCode::BudgetExceeded,
             TaskError::Pool(PoolError::Pinned { .. } | PoolError::Config(_))
             | TaskError::BadRequest(_) => ErrorCode::BadRequest,
-            TaskError::Pool(PoolError::ContextTooSmall { .. }) => ErrorCode::ContextExceeded,
+            TaskError::Pool(
+                PoolError::ContextTooSmall { .. } | PoolError::ContextUnavailable { .. },
+            ) => ErrorCode::ContextExceeded,
             TaskError::Pool(PoolError::ShuttingDown) => ErrorCode::ShuttingDown,
             TaskError::Pool(PoolError::QueueFull(_)) => ErrorCode::QueueFull,
             TaskError::Pool(PoolError::DeadlineExceeded) | TaskError::DeadlineExceeded(_) => {
@@ -125,6 +127,7 @@ impl TaskError {
                     PoolError::NotFound { .. }
                         | PoolError::BudgetExceeded { .. }
                         | PoolError::ContextTooSmall { .. }
+                        | PoolError::ContextUnavailable { .. }
                 )
         ) || self.backend().is_some_and(|error| {
             error.may_be_memory()
