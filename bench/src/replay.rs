@@ -9,7 +9,9 @@
 //! alone.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lmsd::pool::policy::{plan_fit, Fit, Resident};
 use lmsd_proto::Ttl;

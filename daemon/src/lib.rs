@@ -108,7 +108,7 @@ pub async fn run(
         events: tokio::sync::broadcast::Sender::new(1024),
     };
     let (pool, pool_task) = pool::spawn(
-        backend.clone(),
+        std::sync::Arc::new(backend.clone()),
         settings.clone(),
         observers.clone(),
         pool_shutdown.clone(),

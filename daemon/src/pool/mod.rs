@@ -5,11 +5,16 @@
 //! never blocks the actor.
 
 mod actor;
+#[cfg(test)]
+mod actor_tests;
+pub mod engine;
 pub mod policy;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lmsd_proto::{
     Eviction, InstanceStatus, LoadOutcome, LoadRequest, MemoryStatus, PinOutcome, Priority, Ttl,
@@ -18,7 +23,7 @@ use lmsd_proto::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendError, Model};
+use crate::backend::{BackendError, Model};
 use crate::config::{Config, ConfigError, ModelConfig};
 
 /// The pool's settings, resolved from the config.
@@ -396,7 +401,7 @@ impl PoolHandle {
 
 /// Starts the pool actor; it stops when `shutdown` is cancelled (after the server has drained).
 pub fn spawn(
-    backend: Backend,
+    backend: Arc<dyn engine::Engine>,
     settings: PoolSettings,
     observers: Observers,
     shutdown: CancellationToken,

@@ -1,7 +1,9 @@
 //! Pool policy as pure functions over plain data, with time passed in: which instances have
 //! outlived their idle TTL, which to evict to make room, and whether a load can fit at all.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lmsd_proto::Ttl;
 

@@ -180,7 +180,7 @@ impl<'a> Task<'a> {
             model: model.to_owned(),
             ttl,
             priority: self.options.priority,
-            deadline: self.deadline,
+            deadline: self.deadline.into(),
             context_length,
             min_context,
             progress: Some(progress),

@@ -113,7 +113,7 @@ impl Actor {
         let backend = self.backend.clone();
         let id = id.to_owned();
         self.jobs.spawn(async move {
-            let result = unload_verified(&backend, &id).await;
+            let result = unload_verified(backend.as_ref(), &id).await;
             JobResult::Unloaded { id, result }
         });
     }
@@ -449,7 +449,7 @@ impl Actor {
 
 /// Unloads `id` (an id read from `loaded_instances`), then re-reads the catalogue and repeats
 /// until LM Studio no longer lists it. Returns the rounds it took.
-async fn unload_verified(backend: &Backend, id: &str) -> Result<u32, PoolError> {
+async fn unload_verified(backend: &dyn Engine, id: &str) -> Result<u32, PoolError> {
     for round in 1..=UNLOAD_ROUNDS {
         // An error may only mean the instance is gone already (a TTL, auto-evict or crash a
         // moment before; LM Studio documents no status for it): the listing decides.

@@ -15,7 +15,9 @@ mod view;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lmsd_proto::{
     Event, Eviction, InstanceState, InstanceStatus, LoadOutcome, LoadRequest, LoadedBy,
@@ -25,9 +27,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::engine::Engine;
 use super::policy::{self, Fit, Resident};
 use super::{Command, Lease, PoolError, PoolProgress, PoolSettings, PoolStatus, Reply};
-use crate::backend::{Backend, BackendError, LoadBody, LoadReply, Model};
+use crate::backend::{BackendError, LoadBody, LoadReply, Model};
 
 /// Rounds of unload-then-verify before lmsd gives up on an instance that will not go.
 const UNLOAD_ROUNDS: u32 = 5;
@@ -156,7 +159,7 @@ enum JobResult {
 }
 
 struct Actor {
-    backend: Backend,
+    backend: Arc<dyn Engine>,
     settings: PoolSettings,
     catalogue: Arc<Vec<Model>>,
     reachable: bool,
@@ -214,7 +217,7 @@ struct Actor {
 }
 
 pub(super) async fn run(
-    backend: Backend,
+    backend: Arc<dyn Engine>,
     settings: PoolSettings,
     observers: super::Observers,
     mut commands: mpsc::Receiver<Command>,
@@ -293,7 +296,7 @@ pub(super) async fn run(
                 actor.save_owned();
                 wake = wake.min(actor.next_wake(Instant::now()));
             }
-            _ = tokio::time::sleep_until(wake.into()) => {
+            _ = tokio::time::sleep_until(wake) => {
                 if Instant::now() >= actor.next_poll {
                     actor.request_read();
                 }

@@ -182,7 +182,7 @@ impl Actor {
                     return None;
                 }
                 if !self.context_reloads.contains(&model.key) {
-                    let takes_settings = self.backend.accept_load_settings(true).is_ok();
+                    let takes_settings = self.backend.takes_load_settings();
                     let reloadable = small
                         .iter()
                         .find(|i| {
@@ -242,7 +242,7 @@ impl Actor {
     /// (`forced`) when an instance loaded without one turned out too small.
     pub(super) fn context_to_load(&self, model: &Model, need: u32, forced: bool) -> Option<u32> {
         const ENGINE_DEFAULT: u32 = 4096;
-        if self.backend.accept_load_settings(true).is_err() {
+        if !self.backend.takes_load_settings() {
             return None;
         }
         let configured = self

@@ -1,0 +1,426 @@
+//! The pool actor driven through its handle, against a fake engine, on a paused clock: the
+//! decisions that end-to-end runs can only reach by chance (which instance gives way, when a
+//! hold ends, what a lost load reply leaves behind, how an outage is waited out).
+// A failed unwrap in a test is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use lmsd_proto::{InstanceStatus, LoadedBy, Priority, Ttl};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::Engine;
+use super::{AcquireRequest, Lease, Observers, PoolError, PoolHandle, PoolSettings};
+use crate::backend::lmstudio::LoadConfigEcho;
+use crate::backend::{
+    BackendError, InstanceConfig, LoadBody, LoadReply, LoadedInstance, Model, ModelType,
+};
+
+const GB: u64 = 1_000_000_000;
+
+#[derive(Debug, Clone)]
+struct FakeInstance {
+    id: String,
+    key: String,
+    context_length: u32,
+}
+
+#[derive(Debug)]
+struct FakeState {
+    /// Key and size of each model it has.
+    catalogue: Vec<(String, u64)>,
+    loaded: Vec<FakeInstance>,
+    loads: u32,
+    unloads: u32,
+    reachable: bool,
+    load_time: Duration,
+    /// The next load happens, but its reply is lost this long after it.
+    lose_next_reply: Option<Duration>,
+}
+
+/// An engine in memory: loads take `load_time` of the (paused) clock, ids are `key`, `key:2`…
+#[derive(Debug, Clone)]
+struct FakeEngine(Arc<Mutex<FakeState>>);
+
+impl FakeEngine {
+    fn new(models: &[(&str, u64)]) -> Self {
+        FakeEngine(Arc::new(Mutex::new(FakeState {
+            catalogue: models.iter().map(|(k, s)| ((*k).to_owned(), *s)).collect(),
+            loaded: Vec::new(),
+            loads: 0,
+            unloads: 0,
+            reachable: true,
+            load_time: Duration::from_secs(2),
+            lose_next_reply: None,
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.0.lock().unwrap()
+    }
+
+    /// Loads `key` as another client would.
+    fn load_outside(&self, key: &str, context_length: u32) -> String {
+        let mut state = self.state();
+        let id = next_id(&state, key);
+        state.loaded.push(FakeInstance {
+            id: id.clone(),
+            key: key.to_owned(),
+            context_length,
+        });
+        id
+    }
+
+    fn loaded(&self) -> Vec<String> {
+        self.state().loaded.iter().map(|i| i.id.clone()).collect()
+    }
+
+    fn down() -> BackendError {
+        BackendError::Unreachable {
+            url: "fake".into(),
+            detail: "Connection refused".into(),
+        }
+    }
+}
+
+fn next_id(state: &FakeState, key: &str) -> String {
+    let taken = |id: &str| state.loaded.iter().any(|i| i.id == id);
+    if !taken(key) {
+        return key.to_owned();
+    }
+    (2..)
+        .map(|n| format!("{key}:{n}"))
+        .find(|id| !taken(id))
+        .unwrap()
+}
+
+impl Engine for FakeEngine {
+    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
+        Box::pin(async move {
+            let state = self.state();
+            if !state.reachable {
+                return Err(FakeEngine::down());
+            }
+            Ok(state
+                .catalogue
+                .iter()
+                .map(|(key, size)| Model {
+                    kind: ModelType::Llm,
+                    key: key.clone(),
+                    display_name: None,
+                    size_bytes: *size,
+                    params_string: None,
+                    loaded_instances: state
+                        .loaded
+                        .iter()
+                        .filter(|i| &i.key == key)
+                        .map(|i| LoadedInstance {
+                            id: i.id.clone(),
+                            config: InstanceConfig {
+                                context_length: i.context_length,
+                                parallel: Some(4),
+                            },
+                        })
+                        .collect(),
+                    max_context_length: Some(131_072),
+                    capabilities: None,
+                })
+                .collect())
+        })
+    }
+
+    fn load<'a>(&'a self, body: &'a LoadBody) -> BoxFuture<'a, Result<LoadReply, BackendError>> {
+        Box::pin(async move {
+            let load_time = {
+                let state = self.state();
+                if !state.reachable {
+                    return Err(FakeEngine::down());
+                }
+                state.load_time
+            };
+            tokio::time::sleep(load_time).await;
+            let context_length = body.context_length.unwrap_or(4096);
+            let id = self.load_outside(&body.model, context_length);
+            let lost = {
+                let mut state = self.state();
+                state.loads += 1;
+                state.lose_next_reply.take()
+            };
+            if let Some(after) = lost {
+                tokio::time::sleep(after).await;
+                return Err(BackendError::ReplyLost {
+                    url: "fake".into(),
+                    detail: "connection closed before message completed".into(),
+                });
+            }
+            Ok(LoadReply {
+                instance_id: id,
+                load_time_seconds: load_time.as_secs_f64(),
+                load_config: Some(LoadConfigEcho {
+                    context_length: Some(context_length),
+                }),
+            })
+        })
+    }
+
+    fn unload<'a>(&'a self, instance_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut state = self.state();
+            state.loaded.retain(|i| i.id != instance_id);
+            state.unloads += 1;
+            Ok(())
+        })
+    }
+
+    fn url(&self) -> &str {
+        "fake"
+    }
+
+    fn takes_load_settings(&self) -> bool {
+        true
+    }
+}
+
+fn settings(budget_bytes: u64) -> PoolSettings {
+    PoolSettings {
+        budget_bytes,
+        idle_ttl: Ttl::Never,
+        instance_overhead: 0,
+        manage_external: false,
+        models: BTreeMap::new(),
+        max_wait: Duration::from_secs(120),
+        poll_interval: Duration::from_secs(5),
+        turn_hold: Duration::ZERO,
+        max_queue: 1024,
+        max_instances: 1,
+        outage_wait: Duration::from_secs(30),
+        orphan_wait: Duration::from_secs(600),
+        owned_file: None,
+    }
+}
+
+fn start(engine: &FakeEngine, settings: PoolSettings) -> PoolHandle {
+    let observers = Observers {
+        metrics: Arc::new(crate::metrics::Metrics::default()),
+        events: tokio::sync::broadcast::channel(64).0,
+    };
+    let (pool, _task) = super::spawn(
+        Arc::new(engine.clone()),
+        settings,
+        observers,
+        CancellationToken::new(),
+    );
+    pool
+}
+
+fn request(model: &str) -> AcquireRequest {
+    AcquireRequest {
+        model: model.into(),
+        ttl: None,
+        priority: Priority::Normal,
+        deadline: Instant::now() + Duration::from_secs(600),
+        context_length: None,
+        min_context: None,
+        progress: None,
+    }
+}
+
+async fn acquire(pool: &PoolHandle, model: &str) -> Lease {
+    pool.acquire(request(model)).await.unwrap()
+}
+
+async fn instances(pool: &PoolHandle) -> Vec<InstanceStatus> {
+    pool.status().await.unwrap().instances
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_waiters_for_an_unloaded_model_make_one_load() {
+    let engine = FakeEngine::new(&[("a", 2 * GB)]);
+    let pool = start(&engine, settings(10 * GB));
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { drop(acquire(&pool, "a").await) })
+        })
+        .collect();
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    assert_eq!(engine.state().loads, 1);
+    assert_eq!(engine.loaded(), ["a"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_instance_expires_after_its_ttl_and_never_while_busy() {
+    let engine = FakeEngine::new(&[("a", 2 * GB)]);
+    let pool = start(
+        &engine,
+        PoolSettings {
+            idle_ttl: Ttl::After(Duration::from_secs(60)),
+            ..settings(10 * GB)
+        },
+    );
+    let lease = acquire(&pool, "a").await;
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(engine.loaded(), ["a"], "busy: never expires");
+    drop(lease);
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    assert_eq!(engine.loaded(), ["a"], "idle for less than its TTL");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(engine.loaded().is_empty(), "idle past its TTL");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_least_valuable_idle_instance_makes_room_and_a_busy_one_never_does() {
+    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB), ("c", 4 * GB)]);
+    let pool = start(&engine, settings(10 * GB));
+    drop(acquire(&pool, "a").await);
+    let busy = acquire(&pool, "b").await;
+    drop(acquire(&pool, "c").await);
+    let mut loaded = engine.loaded();
+    loaded.sort();
+    assert_eq!(loaded, ["b", "c"], "a was idle, b busy");
+    drop(busy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_load_waits_for_a_busy_instance_and_gives_up_at_its_deadline() {
+    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let pool = start(&engine, settings(5 * GB));
+    let busy = acquire(&pool, "a").await;
+    let started = Instant::now();
+    let waited = pool
+        .acquire(AcquireRequest {
+            deadline: started + Duration::from_secs(30),
+            ..request("b")
+        })
+        .await;
+    assert!(
+        matches!(waited, Err(PoolError::DeadlineExceeded)),
+        "{waited:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(30));
+    assert_eq!(engine.loaded(), ["a"]);
+    drop(busy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_just_used_instance_is_held_for_the_turn_hold_then_gives_way() {
+    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let pool = start(
+        &engine,
+        PoolSettings {
+            turn_hold: Duration::from_secs(10),
+            ..settings(5 * GB)
+        },
+    );
+    drop(acquire(&pool, "a").await);
+    let asked = Instant::now();
+    drop(acquire(&pool, "b").await);
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10),
+        "b waited out a's hold: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(20),
+        "and no longer: {waited:?}"
+    );
+    assert_eq!(engine.loaded(), ["b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outside_instance_is_counted_and_left_alone() {
+    let engine = FakeEngine::new(&[("x", 4 * GB), ("y", 4 * GB)]);
+    engine.load_outside("x", 4096);
+    let pool = start(&engine, settings(5 * GB));
+    let refused = pool.acquire(request("y")).await;
+    match refused {
+        Err(PoolError::BudgetExceeded { holders, .. }) => assert_eq!(holders, ["x"]),
+        other => panic!("{other:?}"),
+    }
+    let listed = instances(&pool).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].loaded_by, LoadedBy::Outside);
+    assert_eq!(engine.loaded(), ["x"], "never unloaded by lmsd");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_load_reply_leaves_lmsds_instance_and_no_second_load() {
+    let engine = FakeEngine::new(&[("a", 2 * GB)]);
+    // The reply is lost after the next catalogue read already listed the new instance (as
+    // loaded outside lmsd, which did not know better yet).
+    engine.state().lose_next_reply = Some(Duration::from_secs(12));
+    let pool = start(&engine, settings(10 * GB));
+    drop(acquire(&pool, "a").await);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(engine.state().loads, 1);
+    let listed = instances(&pool).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].loaded_by, LoadedBy::Lmsd);
+    let memory = pool.status().await.unwrap().memory;
+    assert_eq!(memory.used_bytes, 2 * GB, "counted once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_is_waited_out_from_when_it_began_not_from_when_the_task_queued() {
+    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let pool = start(
+        &engine,
+        PoolSettings {
+            outage_wait: Duration::from_secs(5),
+            ..settings(5 * GB)
+        },
+    );
+    let busy = acquire(&pool, "a").await;
+    // b waits for a's memory, long past outage_wait…
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.acquire(request("b")).await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // …when the engine goes away for three seconds.
+    engine.state().reachable = false;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!waiter.is_finished(), "failed at the outage's first read");
+    engine.state().reachable = true;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(busy);
+    waiter.await.unwrap().unwrap();
+    assert_eq!(engine.loaded(), ["b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_instance_at_a_time_is_reloaded_for_a_task_that_needs_more_context() {
+    let engine = FakeEngine::new(&[("m", 2 * GB)]);
+    engine.load_outside("m", 4096);
+    engine.load_outside("m", 4096);
+    let pool = start(
+        &engine,
+        PoolSettings {
+            manage_external: true,
+            max_instances: 2,
+            ..settings(10 * GB)
+        },
+    );
+    let lease = pool
+        .acquire(AcquireRequest {
+            min_context: Some(8192),
+            ..request("m")
+        })
+        .await
+        .unwrap();
+    assert_eq!(engine.state().unloads, 1, "one small instance gave way");
+    let contexts: Vec<u32> = engine
+        .state()
+        .loaded
+        .iter()
+        .map(|i| i.context_length)
+        .collect();
+    assert_eq!(contexts, [4096, 8192]);
+    drop(lease);
+}
