@@ -1,21 +1,24 @@
-//! P4, pool policy quality: seeded traces replayed in simulated time (no sleeps) through lmsd's
-//! real policy functions and through baselines — LRU, Ollama's order, LM Studio's "keep only the
-//! last JIT model" — and Belady's offline optimum with sizes.
+//! P4, pool policy quality: seeded traces replayed in simulated time through lmsd's pool — the
+//! real actor, on a paused tokio clock, in front of an in-memory engine whose loads take the
+//! model's load time — and through baselines simulated beside it: LRU, Ollama's order, LM
+//! Studio's "keep only the last JIT model", and Belady's offline optimum with sizes.
 //!
-//! The replay is a cache simulation: a request for a resident model is served at once; a miss
-//! loads the model (its load time is the request's wait), after evicting idle instances the
+//! The baselines are a cache simulation: a request for a resident model is served at once; a
+//! miss loads the model (its load time is the request's wait), after evicting idle instances the
 //! policy picks until it fits. An instance is busy while it serves (it cannot be evicted) and
 //! every policy waits for busy instances alike. Idle TTLs are off for all, to compare eviction
 //! alone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use lmsd::pool::policy::{plan_fit, Fit, Resident};
-use lmsd_proto::Ttl;
+use lmsd::pool::memory_engine::{MemoryEngine, MemoryModel};
+use lmsd::pool::{AcquireRequest, Observers, PoolSettings};
+use lmsd_proto::{Priority, Ttl};
 use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -208,16 +211,16 @@ pub struct Outcome {
     pub mean_wait_s: f64,
 }
 
-/// lmsd's turn hold and max wait, as the daemon applies them by default: a just-used instance is
-/// held for its agent's next call, unless a task has waited longer than the max wait.
-const TURN_HOLD: f64 = 10.0;
-const MAX_WAIT: f64 = 120.0;
+/// lmsd's turn hold and max wait, as the daemon has them by default.
+const TURN_HOLD: Duration = Duration::from_secs(10);
+const MAX_WAIT: Duration = Duration::from_secs(120);
 /// Ollama's default keep-alive.
 const OLLAMA_KEEP_ALIVE: f64 = 300.0;
 
 pub fn replay(trace: &Trace, policy: Policy) -> Outcome {
-    let base = Instant::now();
-    let instant = |t: f64| base + Duration::from_secs_f64(t.max(0.0));
+    if policy == Policy::Lmsd {
+        return replay_through_the_pool(trace);
+    }
     // Next use of each model after each request index, for Belady.
     let mut next_use = vec![f64::INFINITY; trace.requests.len()];
     let mut seen: HashMap<usize, f64> = HashMap::new();
@@ -243,26 +246,12 @@ pub fn replay(trace: &Trace, policy: Policy) -> Outcome {
                 if used + spec.size <= trace.budget {
                     break;
                 }
-                let starving = t - request.at >= MAX_WAIT;
-                let victims = choose(
-                    policy, trace, &resident, &next_of, t, used, spec.size, starving, instant,
-                );
+                let victims = choose(policy, trace, &resident, &next_of, t, used, spec.size);
                 if victims.is_empty() {
-                    // Wait for the first busy (or held) instance to become evictable, or for this
-                    // task to have waited long enough to override holds.
-                    let holds = policy == Policy::Lmsd && !starving;
+                    // Wait for the first busy instance to become evictable.
                     let next = resident
                         .values()
-                        .map(|r| {
-                            if holds {
-                                r.busy_until.max(r.last_used + TURN_HOLD)
-                            } else {
-                                r.busy_until
-                            }
-                        })
-                        .chain(
-                            (policy == Policy::Lmsd && !starving).then_some(request.at + MAX_WAIT),
-                        )
+                        .map(|r| r.busy_until)
                         .filter(|at| *at > t)
                         .fold(f64::INFINITY, f64::min);
                     if !next.is_finite() {
@@ -294,6 +283,10 @@ pub fn replay(trace: &Trace, policy: Policy) -> Outcome {
         entry.uses += 1;
         waits.push(start - request.at);
     }
+    outcome(load_seconds, loads, waits)
+}
+
+fn outcome(load_seconds: f64, loads: u64, mut waits: Vec<f64>) -> Outcome {
     waits.sort_by(f64::total_cmp);
     let p99 = waits.get(waits.len() * 99 / 100).copied().unwrap_or(0.0);
     let mean = waits.iter().sum::<f64>() / waits.len().max(1) as f64;
@@ -305,7 +298,103 @@ pub fn replay(trace: &Trace, policy: Policy) -> Outcome {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the replay's whole state, passed plainly
+/// The trace through lmsd's own pool: each request is a task that arrives at its time, waits
+/// for a slot (the pool loading, evicting and holding as it does in the daemon), holds it for
+/// its service time and lets go. On a paused clock: hours of trace take moments.
+fn replay_through_the_pool(trace: &Trace) -> Outcome {
+    // A runtime of its own, on its own thread: the benchmark's runtime has a real clock.
+    let trace = trace.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime for the replay");
+        runtime.block_on(pool_replay(&trace))
+    })
+    .join()
+    .expect("the replay thread")
+}
+
+async fn pool_replay(trace: &Trace) -> Outcome {
+    let engine = MemoryEngine::new(
+        trace
+            .models
+            .iter()
+            .enumerate()
+            .map(|(n, spec)| MemoryModel {
+                key: format!("m{n}"),
+                size_bytes: spec.size,
+                load_time: Duration::from_secs_f64(spec.load_secs),
+            })
+            .collect(),
+        // Every policy lets an instance serve any number of requests at once.
+        u32::MAX,
+    );
+    let settings = PoolSettings {
+        budget_bytes: trace.budget,
+        idle_ttl: Ttl::Never,
+        instance_overhead: 0,
+        manage_external: false,
+        models: BTreeMap::new(),
+        max_wait: MAX_WAIT,
+        poll_interval: Duration::from_secs(5),
+        turn_hold: TURN_HOLD,
+        max_queue: usize::MAX,
+        max_instances: 1,
+        outage_wait: Duration::from_secs(30),
+        orphan_wait: Duration::from_secs(600),
+        owned_file: None,
+    };
+    let observers = Observers {
+        metrics: Arc::new(lmsd::metrics::Metrics::default()),
+        events: tokio::sync::broadcast::channel(16).0,
+    };
+    let shutdown = CancellationToken::new();
+    let (pool, actor) = lmsd::pool::spawn(
+        Arc::new(engine.clone()),
+        settings,
+        observers,
+        shutdown.clone(),
+    );
+    let base = Instant::now();
+    let tasks: Vec<_> = trace
+        .requests
+        .iter()
+        .map(|request| {
+            let (pool, request) = (pool.clone(), *request);
+            tokio::spawn(async move {
+                let arrives = base + Duration::from_secs_f64(request.at);
+                tokio::time::sleep_until(arrives).await;
+                let lease = pool
+                    .acquire(AcquireRequest {
+                        model: format!("m{}", request.model),
+                        ttl: None,
+                        priority: Priority::Normal,
+                        deadline: arrives + Duration::from_secs(365 * 24 * 3600),
+                        context_length: None,
+                        min_context: None,
+                        progress: None,
+                    })
+                    .await
+                    .expect("every request is served");
+                let waited = arrives.elapsed().as_secs_f64();
+                tokio::time::sleep(Duration::from_secs_f64(request.service)).await;
+                drop(lease);
+                waited
+            })
+        })
+        .collect();
+    let mut waits = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        waits.push(task.await.expect("a replayed request"));
+    }
+    shutdown.cancel();
+    let _ = actor.await;
+    let stats = engine.stats();
+    outcome(stats.load_time.as_secs_f64(), stats.loads, waits)
+}
+
 fn choose(
     policy: Policy,
     trace: &Trace,
@@ -314,8 +403,6 @@ fn choose(
     t: f64,
     used: u64,
     need: u64,
-    starving: bool,
-    instant: impl Fn(f64) -> Instant,
 ) -> Vec<usize> {
     let idle: Vec<(&usize, &Loaded)> = resident.iter().filter(|(_, r)| r.busy_until <= t).collect();
     let greedy = |mut order: Vec<(&usize, &Loaded)>, key: &dyn Fn(&(&usize, &Loaded)) -> f64| {
@@ -336,29 +423,8 @@ fn choose(
         }
     };
     match policy {
-        Policy::Lmsd => {
-            let residents: Vec<Resident> = resident
-                .iter()
-                .map(|(model, r)| Resident {
-                    id: model.to_string(),
-                    model: model.to_string(),
-                    bytes: trace.models[*model].size,
-                    in_flight: u32::from(r.busy_until > t),
-                    pinned: false,
-                    managed: true,
-                    leaving: false,
-                    held: !starving && r.busy_until <= t && t - r.last_used < TURN_HOLD,
-                    ttl: Ttl::Never,
-                    last_used: instant(r.last_used),
-                    load_time: Duration::from_secs_f64(trace.models[*model].load_secs),
-                    uses: r.uses,
-                })
-                .collect();
-            match plan_fit(&residents, used, trace.budget, need, instant(t)) {
-                Fit::Evict(victims) => victims.iter().filter_map(|v| v.parse().ok()).collect(),
-                _ => Vec::new(),
-            }
-        }
+        // Replayed through the pool itself: see `replay_through_the_pool`.
+        Policy::Lmsd => Vec::new(),
         Policy::Lru | Policy::LmStudioLastJit => greedy(idle, &|(_, r)| r.last_used),
         Policy::Ollama => greedy(idle, &|(_, r)| r.last_used + OLLAMA_KEEP_ALIVE),
         Policy::Belady => greedy(idle, &|(m, _)| {
@@ -374,6 +440,17 @@ fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_replay_serves_every_request_through_the_real_actor() {
+        let trace = &traces(200, 3)[1];
+        let lmsd = replay(trace, Policy::Lmsd);
+        let distinct: std::collections::HashSet<usize> =
+            trace.requests.iter().map(|r| r.model).collect();
+        assert!(lmsd.loads as usize >= distinct.len(), "{lmsd:?}");
+        let expected: f64 = distinct.iter().map(|m| trace.models[*m].load_secs).sum();
+        assert!(lmsd.load_seconds >= expected - 1e-6, "{lmsd:?}");
+    }
 
     #[test]
     fn traces_are_reproducible_and_belady_beats_lru() {

@@ -5,184 +5,31 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use lmsd_proto::{InstanceStatus, LoadedBy, Priority, Ttl};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::Engine;
+use super::memory_engine::{MemoryEngine, MemoryModel};
 use super::{AcquireRequest, Lease, Observers, PoolError, PoolHandle, PoolSettings};
-use crate::backend::lmstudio::LoadConfigEcho;
-use crate::backend::{
-    BackendError, InstanceConfig, LoadBody, LoadReply, LoadedInstance, Model, ModelType,
-};
 
 const GB: u64 = 1_000_000_000;
 
-#[derive(Debug, Clone)]
-struct FakeInstance {
-    id: String,
-    key: String,
-    context_length: u32,
-}
-
-#[derive(Debug)]
-struct FakeState {
-    /// Key and size of each model it has.
-    catalogue: Vec<(String, u64)>,
-    loaded: Vec<FakeInstance>,
-    loads: u32,
-    unloads: u32,
-    reachable: bool,
-    load_time: Duration,
-    /// The next load happens, but its reply is lost this long after it.
-    lose_next_reply: Option<Duration>,
-}
-
-/// An engine in memory: loads take `load_time` of the (paused) clock, ids are `key`, `key:2`…
-#[derive(Debug, Clone)]
-struct FakeEngine(Arc<Mutex<FakeState>>);
-
-impl FakeEngine {
-    fn new(models: &[(&str, u64)]) -> Self {
-        FakeEngine(Arc::new(Mutex::new(FakeState {
-            catalogue: models.iter().map(|(k, s)| ((*k).to_owned(), *s)).collect(),
-            loaded: Vec::new(),
-            loads: 0,
-            unloads: 0,
-            reachable: true,
-            load_time: Duration::from_secs(2),
-            lose_next_reply: None,
-        })))
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        self.0.lock().unwrap()
-    }
-
-    /// Loads `key` as another client would.
-    fn load_outside(&self, key: &str, context_length: u32) -> String {
-        let mut state = self.state();
-        let id = next_id(&state, key);
-        state.loaded.push(FakeInstance {
-            id: id.clone(),
-            key: key.to_owned(),
-            context_length,
-        });
-        id
-    }
-
-    fn loaded(&self) -> Vec<String> {
-        self.state().loaded.iter().map(|i| i.id.clone()).collect()
-    }
-
-    fn down() -> BackendError {
-        BackendError::Unreachable {
-            url: "fake".into(),
-            detail: "Connection refused".into(),
-        }
-    }
-}
-
-fn next_id(state: &FakeState, key: &str) -> String {
-    let taken = |id: &str| state.loaded.iter().any(|i| i.id == id);
-    if !taken(key) {
-        return key.to_owned();
-    }
-    (2..)
-        .map(|n| format!("{key}:{n}"))
-        .find(|id| !taken(id))
-        .unwrap()
-}
-
-impl Engine for FakeEngine {
-    fn models(&self) -> BoxFuture<'_, Result<Vec<Model>, BackendError>> {
-        Box::pin(async move {
-            let state = self.state();
-            if !state.reachable {
-                return Err(FakeEngine::down());
-            }
-            Ok(state
-                .catalogue
-                .iter()
-                .map(|(key, size)| Model {
-                    kind: ModelType::Llm,
-                    key: key.clone(),
-                    display_name: None,
-                    size_bytes: *size,
-                    params_string: None,
-                    loaded_instances: state
-                        .loaded
-                        .iter()
-                        .filter(|i| &i.key == key)
-                        .map(|i| LoadedInstance {
-                            id: i.id.clone(),
-                            config: InstanceConfig {
-                                context_length: i.context_length,
-                                parallel: Some(4),
-                            },
-                        })
-                        .collect(),
-                    max_context_length: Some(131_072),
-                    capabilities: None,
-                })
-                .collect())
-        })
-    }
-
-    fn load<'a>(&'a self, body: &'a LoadBody) -> BoxFuture<'a, Result<LoadReply, BackendError>> {
-        Box::pin(async move {
-            let load_time = {
-                let state = self.state();
-                if !state.reachable {
-                    return Err(FakeEngine::down());
-                }
-                state.load_time
-            };
-            tokio::time::sleep(load_time).await;
-            let context_length = body.context_length.unwrap_or(4096);
-            let id = self.load_outside(&body.model, context_length);
-            let lost = {
-                let mut state = self.state();
-                state.loads += 1;
-                state.lose_next_reply.take()
-            };
-            if let Some(after) = lost {
-                tokio::time::sleep(after).await;
-                return Err(BackendError::ReplyLost {
-                    url: "fake".into(),
-                    detail: "connection closed before message completed".into(),
-                });
-            }
-            Ok(LoadReply {
-                instance_id: id,
-                load_time_seconds: load_time.as_secs_f64(),
-                load_config: Some(LoadConfigEcho {
-                    context_length: Some(context_length),
-                }),
+/// The models as the tests give them: key and size; every load takes two seconds.
+fn engine(models: &[(&str, u64)]) -> MemoryEngine {
+    MemoryEngine::new(
+        models
+            .iter()
+            .map(|(key, size)| MemoryModel {
+                key: (*key).to_owned(),
+                size_bytes: *size,
+                load_time: Duration::from_secs(2),
             })
-        })
-    }
-
-    fn unload<'a>(&'a self, instance_id: &'a str) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(async move {
-            let mut state = self.state();
-            state.loaded.retain(|i| i.id != instance_id);
-            state.unloads += 1;
-            Ok(())
-        })
-    }
-
-    fn url(&self) -> &str {
-        "fake"
-    }
-
-    fn takes_load_settings(&self) -> bool {
-        true
-    }
+            .collect(),
+        4,
+    )
 }
 
 fn settings(budget_bytes: u64) -> PoolSettings {
@@ -203,7 +50,7 @@ fn settings(budget_bytes: u64) -> PoolSettings {
     }
 }
 
-fn start(engine: &FakeEngine, settings: PoolSettings) -> PoolHandle {
+fn start(engine: &MemoryEngine, settings: PoolSettings) -> PoolHandle {
     let observers = Observers {
         metrics: Arc::new(crate::metrics::Metrics::default()),
         events: tokio::sync::broadcast::channel(64).0,
@@ -239,7 +86,7 @@ async fn instances(pool: &PoolHandle) -> Vec<InstanceStatus> {
 
 #[tokio::test(start_paused = true)]
 async fn twenty_waiters_for_an_unloaded_model_make_one_load() {
-    let engine = FakeEngine::new(&[("a", 2 * GB)]);
+    let engine = engine(&[("a", 2 * GB)]);
     let pool = start(&engine, settings(10 * GB));
     let waiters: Vec<_> = (0..20)
         .map(|_| {
@@ -250,13 +97,13 @@ async fn twenty_waiters_for_an_unloaded_model_make_one_load() {
     for waiter in waiters {
         waiter.await.unwrap();
     }
-    assert_eq!(engine.state().loads, 1);
+    assert_eq!(engine.stats().loads, 1);
     assert_eq!(engine.loaded(), ["a"]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_instance_expires_after_its_ttl_and_never_while_busy() {
-    let engine = FakeEngine::new(&[("a", 2 * GB)]);
+    let engine = engine(&[("a", 2 * GB)]);
     let pool = start(
         &engine,
         PoolSettings {
@@ -276,7 +123,7 @@ async fn an_idle_instance_expires_after_its_ttl_and_never_while_busy() {
 
 #[tokio::test(start_paused = true)]
 async fn the_least_valuable_idle_instance_makes_room_and_a_busy_one_never_does() {
-    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB), ("c", 4 * GB)]);
+    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB), ("c", 4 * GB)]);
     let pool = start(&engine, settings(10 * GB));
     drop(acquire(&pool, "a").await);
     let busy = acquire(&pool, "b").await;
@@ -289,7 +136,7 @@ async fn the_least_valuable_idle_instance_makes_room_and_a_busy_one_never_does()
 
 #[tokio::test(start_paused = true)]
 async fn a_load_waits_for_a_busy_instance_and_gives_up_at_its_deadline() {
-    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
     let pool = start(&engine, settings(5 * GB));
     let busy = acquire(&pool, "a").await;
     let started = Instant::now();
@@ -310,7 +157,7 @@ async fn a_load_waits_for_a_busy_instance_and_gives_up_at_its_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_just_used_instance_is_held_for_the_turn_hold_then_gives_way() {
-    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
     let pool = start(
         &engine,
         PoolSettings {
@@ -335,7 +182,7 @@ async fn a_just_used_instance_is_held_for_the_turn_hold_then_gives_way() {
 
 #[tokio::test(start_paused = true)]
 async fn an_outside_instance_is_counted_and_left_alone() {
-    let engine = FakeEngine::new(&[("x", 4 * GB), ("y", 4 * GB)]);
+    let engine = engine(&[("x", 4 * GB), ("y", 4 * GB)]);
     engine.load_outside("x", 4096);
     let pool = start(&engine, settings(5 * GB));
     let refused = pool.acquire(request("y")).await;
@@ -351,14 +198,14 @@ async fn an_outside_instance_is_counted_and_left_alone() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_load_reply_leaves_lmsds_instance_and_no_second_load() {
-    let engine = FakeEngine::new(&[("a", 2 * GB)]);
+    let engine = engine(&[("a", 2 * GB)]);
     // The reply is lost after the next catalogue read already listed the new instance (as
     // loaded outside lmsd, which did not know better yet).
-    engine.state().lose_next_reply = Some(Duration::from_secs(12));
+    engine.lose_next_reply(Duration::from_secs(12));
     let pool = start(&engine, settings(10 * GB));
     drop(acquire(&pool, "a").await);
     tokio::time::sleep(Duration::from_secs(15)).await;
-    assert_eq!(engine.state().loads, 1);
+    assert_eq!(engine.stats().loads, 1);
     let listed = instances(&pool).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].loaded_by, LoadedBy::Lmsd);
@@ -368,7 +215,7 @@ async fn a_lost_load_reply_leaves_lmsds_instance_and_no_second_load() {
 
 #[tokio::test(start_paused = true)]
 async fn an_outage_is_waited_out_from_when_it_began_not_from_when_the_task_queued() {
-    let engine = FakeEngine::new(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
     let pool = start(
         &engine,
         PoolSettings {
@@ -384,10 +231,10 @@ async fn an_outage_is_waited_out_from_when_it_began_not_from_when_the_task_queue
     };
     tokio::time::sleep(Duration::from_secs(20)).await;
     // …when the engine goes away for three seconds.
-    engine.state().reachable = false;
+    engine.set_reachable(false);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!waiter.is_finished(), "failed at the outage's first read");
-    engine.state().reachable = true;
+    engine.set_reachable(true);
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(busy);
     waiter.await.unwrap().unwrap();
@@ -396,7 +243,7 @@ async fn an_outage_is_waited_out_from_when_it_began_not_from_when_the_task_queue
 
 #[tokio::test(start_paused = true)]
 async fn one_instance_at_a_time_is_reloaded_for_a_task_that_needs_more_context() {
-    let engine = FakeEngine::new(&[("m", 2 * GB)]);
+    let engine = engine(&[("m", 2 * GB)]);
     engine.load_outside("m", 4096);
     engine.load_outside("m", 4096);
     let pool = start(
@@ -414,13 +261,7 @@ async fn one_instance_at_a_time_is_reloaded_for_a_task_that_needs_more_context()
         })
         .await
         .unwrap();
-    assert_eq!(engine.state().unloads, 1, "one small instance gave way");
-    let contexts: Vec<u32> = engine
-        .state()
-        .loaded
-        .iter()
-        .map(|i| i.context_length)
-        .collect();
-    assert_eq!(contexts, [4096, 8192]);
+    assert_eq!(engine.stats().unloads, 1, "one small instance gave way");
+    assert_eq!(engine.contexts(), [4096, 8192]);
     drop(lease);
 }

@@ -8,6 +8,7 @@ mod actor;
 #[cfg(test)]
 mod actor_tests;
 pub mod engine;
+pub mod memory_engine;
 pub mod policy;
 
 use std::collections::BTreeMap;
