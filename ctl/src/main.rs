@@ -1,6 +1,7 @@
 //! `lmsd-ctl`: parse the command line, send one request to lmsd, print the answer.
 
 mod calllog;
+mod exit_codes;
 mod output;
 mod selftest;
 
@@ -10,35 +11,15 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lmsd_proto::{
-    CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, ErrorCode, Event, LoadRequest,
-    Needs, PinRequest, Priority, Request, SavingsGrouping, SavingsRequest, SessionsRequest,
-    TaskOptions, Ttl, UnloadRequest, WireDuration,
+    CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, Event, LoadRequest, Needs,
+    PinRequest, Priority, Request, SavingsGrouping, SavingsRequest, SessionsRequest, TaskOptions,
+    Ttl, UnloadRequest, WireDuration,
 };
-
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  other failure (internal error, unreadable reply)
-  2  bad command line
-  3  lmsd is not running or the socket cannot be reached
-  4  lmsd rejected the request (bad_request, unsupported_version)
-  5  the engine (LM Studio, llama-server) is unreachable (backend_unreachable)
-  6  the engine answered with an error (backend_error)
-  7  no such model or instance, or none meets the needs (model_not_found)
-  8  the engine ran out of memory loading the model (out_of_memory)
-  9  lmsd is shutting down (shutting_down)
- 10  the model does not fit in lmsd's memory budget (budget_exceeded)
- 11  this user may not use that lmsd (permission_denied)
- 12  lmsd's queue is full (queue_full)
- 13  the task's deadline passed (deadline_exceeded)
- 14  the task was cancelled (cancelled)
- 15  the engine lost the session's conversation; the session starts afresh next time (session_lost)
- 16  the input does not fit the model's context (context_exceeded)";
 
 /// Command line for lmsd, the LM Studio lifecycle daemon: run tasks on local models, manage
 /// what is loaded, and see what lmsd is doing.
 #[derive(Debug, Parser)]
-#[command(version, after_help = EXIT_CODES)]
+#[command(version, after_help = exit_codes::help())]
 struct Cli {
     /// lmsd's socket [default: $XDG_RUNTIME_DIR/lmsd/lmsd.sock].
     #[arg(long, global = true, env = "LMSD_SOCKET", value_name = "PATH")]
@@ -273,29 +254,6 @@ impl ChatArgs {
     }
 }
 
-fn exit_code(error: &ClientError) -> u8 {
-    match error {
-        ClientError::Connect { .. } => 3,
-        ClientError::Io(_) | ClientError::Closed | ClientError::BadReply(_) => 1,
-        ClientError::Remote(wire) => match wire.code {
-            ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => 4,
-            ErrorCode::BackendUnreachable => 5,
-            ErrorCode::BackendError => 6,
-            ErrorCode::ModelNotFound => 7,
-            ErrorCode::OutOfMemory => 8,
-            ErrorCode::ShuttingDown => 9,
-            ErrorCode::BudgetExceeded => 10,
-            ErrorCode::PermissionDenied => 11,
-            ErrorCode::QueueFull => 12,
-            ErrorCode::DeadlineExceeded => 13,
-            ErrorCode::Cancelled => 14,
-            ErrorCode::SessionLost => 15,
-            ErrorCode::ContextExceeded => 16,
-            ErrorCode::Internal | ErrorCode::Unknown => 1,
-        },
-    }
-}
-
 fn fail(error: &ClientError, json: bool) -> ExitCode {
     if json {
         if let ClientError::Remote(wire) = error {
@@ -303,7 +261,7 @@ fn fail(error: &ClientError, json: bool) -> ExitCode {
         }
     }
     eprintln!("lmsd-ctl: {error}");
-    ExitCode::from(exit_code(error))
+    ExitCode::from(exit_codes::for_error(error))
 }
 
 #[tokio::main(flavor = "current_thread")]

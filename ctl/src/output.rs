@@ -213,7 +213,7 @@ pub async fn watch_status(socket: &std::path::Path, json: bool) -> std::process:
             Ok(_) => String::new(),
             Err(error) => {
                 eprintln!("lmsd-ctl: {error}");
-                return std::process::ExitCode::from(crate::exit_code(error));
+                return std::process::ExitCode::from(crate::exit_codes::for_error(error));
             }
         };
         // The daemon's uptime changes every second; redraw for anything else.

@@ -38,7 +38,7 @@ fn failed(name: &str, error: &ClientError, json: bool) -> ExitCode {
         );
     }
     eprintln!("lmsd-ctl: selftest failed at {name}: {error}");
-    ExitCode::from(crate::exit_code(error))
+    ExitCode::from(crate::exit_codes::for_error(error))
 }
 
 async fn call(client: &mut Client, request: Request) -> Result<Outcome, ClientError> {
