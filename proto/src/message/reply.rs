@@ -1,0 +1,238 @@
+//! What lmsd answers: the reply line, the result kinds, and their payloads.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Event, StatusReport};
+use crate::error::WireError;
+use crate::task::{CancelOutcome, SessionList, TaskList};
+
+/// A reply line. `id` echoes the request's id; it is `null` only when the request line was so
+/// broken that no id could be read from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: Option<String>,
+    #[serde(flatten)]
+    pub body: ReplyBody,
+}
+
+/// `type` of a reply: `result` and `error` are terminal (exactly one per request), `event`s come
+/// before them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReplyBody {
+    /// Boxed: outcomes are large and rare beside events, and every connection's reply queue
+    /// holds a block of replies.
+    Result(Box<Outcome>),
+    Event(Event),
+    Error {
+        error: WireError,
+    },
+}
+
+impl Reply {
+    pub fn result(id: String, outcome: Outcome) -> Self {
+        Reply {
+            id: Some(id),
+            body: ReplyBody::Result(Box::new(outcome)),
+        }
+    }
+
+    pub fn event(id: String, event: Event) -> Self {
+        Reply {
+            id: Some(id),
+            body: ReplyBody::Event(event),
+        }
+    }
+
+    pub fn error(id: Option<String>, error: WireError) -> Self {
+        Reply {
+            id,
+            body: ReplyBody::Error { error },
+        }
+    }
+
+    /// True for the one reply that ends a request.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self.body, ReplyBody::Event(_))
+    }
+}
+
+/// The payload of a `result` reply; `kind` names the request it answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    Status(StatusReport),
+    Models(ModelList),
+    Load(LoadOutcome),
+    Unload(UnloadOutcome),
+    Chat(ChatOutcome),
+    Pin(PinOutcome),
+    Reload(ReloadOutcome),
+    Embed(EmbedOutcome),
+    Tasks(TaskList),
+    Cancel(CancelOutcome),
+    Sessions(SessionList),
+    Savings(SavingsReport),
+    Metrics(MetricsText),
+    /// A result kind this client does not know yet (from a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+/// Prometheus' text exposition format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsText {
+    pub text: String,
+}
+
+/// How a task went inside lmsd: which model and why, and where the time went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub task_id: String,
+    /// The model key the task ran on.
+    pub model: String,
+    /// Why that model: `"requested"`, `"loaded instance meets the needs"`, …
+    pub reason: String,
+    /// Waiting for a slot, a load or memory, load time excluded.
+    pub queued_ms: u64,
+    /// Loading the model for this task (0 when it was warm).
+    pub load_ms: u64,
+    /// Submission to answer.
+    pub total_ms: u64,
+    /// Tries it took (more than 1 after transient failures or fallbacks).
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedOutcome {
+    pub model_instance_id: String,
+    pub embeddings: Vec<Vec<f64>>,
+    #[serde(flatten)]
+    pub task: TaskReport,
+}
+
+/// What a config reload did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// The config file read, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Sections applied live, e.g. `pool`, `models`, `log.level`.
+    pub applied: Vec<String>,
+    /// Changed settings that take effect only after a restart, e.g. `server.socket`.
+    pub needs_restart: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<ModelInfo>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Llm,
+    Embedding,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub key: String,
+    #[serde(rename = "type")]
+    pub kind: ModelKind,
+    pub display_name: String,
+    pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params_string: Option<String>,
+    pub max_context_length: u32,
+    pub vision: bool,
+    pub reasoning: bool,
+    pub tool_use: bool,
+    /// Ids of the loaded instances of this model, empty when it is not loaded.
+    pub loaded_instances: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadOutcome {
+    pub model: String,
+    pub instance_id: String,
+    pub load_time_seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
+    /// True when an instance was already loaded and no load was made.
+    #[serde(default)]
+    pub already_loaded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PinOutcome {
+    pub model: String,
+    pub pinned: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnloadOutcome {
+    /// The instance ids that were unloaded (and verified gone).
+    pub unloaded: Vec<String>,
+    /// Rounds of unload-then-verify it took.
+    pub rounds: u32,
+}
+
+/// Where `content` came from: the message, or the reasoning when the message was empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentSource {
+    Message,
+    Reasoning,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatOutcome {
+    pub content: String,
+    pub content_source: ContentSource,
+    pub model_instance_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
+    pub usage: Usage,
+    #[serde(flatten)]
+    pub task: TaskReport,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub total_output_tokens: u64,
+    pub reasoning_output_tokens: u64,
+    /// Set when this request made the backend load the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_load_time_seconds: Option<f64>,
+}
+
+/// Tokens served locally and what they would have cost at the configured paid prices.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavingsTotals {
+    pub tasks: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub usd_saved: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavingsGroup {
+    pub key: String,
+    #[serde(flatten)]
+    pub totals: SavingsTotals,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavingsReport {
+    /// Seconds covered (absent: everything in the ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_s: Option<u64>,
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
+    #[serde(flatten)]
+    pub totals: SavingsTotals,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<SavingsGroup>,
+}
