@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use lmsd_proto::{
-    ChatRequest, Client, ClientError, ErrorCode, LoadRequest, ModelKind, Outcome, Request,
-    UnloadRequest, WireError,
+    ChatRequest, Client, ClientError, ErrorCode, LoadRequest, ModelKind, UnloadRequest, WireError,
 };
 
 struct Steps {
@@ -41,10 +40,6 @@ fn failed(name: &str, error: &ClientError, json: bool) -> ExitCode {
     ExitCode::from(crate::exit_codes::for_error(error))
 }
 
-async fn call(client: &mut Client, request: Request) -> Result<Outcome, ClientError> {
-    client.call(request, |_| {}).await
-}
-
 pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
     let mut steps = Steps { json, number: 0 };
     let mut client = match Client::connect(socket).await {
@@ -53,8 +48,8 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
     };
 
     let started = Instant::now();
-    match call(&mut client, Request::Status).await {
-        Ok(Outcome::Status(status)) if status.backend.reachable => {
+    match client.status().await {
+        Ok(status) if status.backend.reachable => {
             let simulated = if status.backend.simulated {
                 " (SIMULATED)"
             } else {
@@ -70,7 +65,7 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
                 ),
             );
         }
-        Ok(Outcome::Status(status)) => {
+        Ok(status) => {
             let error = WireError::new(
                 ErrorCode::BackendUnreachable,
                 format!(
@@ -82,20 +77,13 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
             );
             return failed("health", &ClientError::Remote(error), json);
         }
-        Ok(_) => {
-            return failed(
-                "health",
-                &ClientError::BadReply("not a status".into()),
-                json,
-            )
-        }
         Err(error) => return failed("health", &error, json),
     }
 
     let model = match model {
         Some(model) => model,
-        None => match call(&mut client, Request::Models).await {
-            Ok(Outcome::Models(list)) => {
+        None => match client.models().await {
+            Ok(list) => {
                 let smallest = list
                     .models
                     .iter()
@@ -112,13 +100,6 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
                     }
                 }
             }
-            Ok(_) => {
-                return failed(
-                    "choose",
-                    &ClientError::BadReply("not a model list".into()),
-                    json,
-                )
-            }
             Err(error) => return failed("choose", &error, json),
         },
     };
@@ -128,8 +109,8 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
         model: model.clone(),
         ..LoadRequest::default()
     };
-    match call(&mut client, Request::Load(load)).await {
-        Ok(Outcome::Load(load)) => {
+    match client.load(load).await {
+        Ok(load) => {
             let how = if load.already_loaded {
                 "was already loaded"
             } else {
@@ -141,13 +122,6 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
                 &format!("{} {how} as {}", load.model, load.instance_id),
             );
         }
-        Ok(_) => {
-            return failed(
-                "load",
-                &ClientError::BadReply("not a load result".into()),
-                json,
-            )
-        }
         Err(error) => return failed("load", &error, json),
     }
 
@@ -157,21 +131,14 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
         input: "Reply with the single word OK.".into(),
         ..ChatRequest::default()
     };
-    match call(&mut client, Request::Chat(chat)).await {
-        Ok(Outcome::Chat(chat)) => {
+    match client.chat(chat, |_| {}).await {
+        Ok(chat) => {
             let words = chat.content.split_whitespace().count();
             steps.report(
                 "chat",
                 started,
                 &format!("{words} words from {}", chat.model_instance_id),
             );
-        }
-        Ok(_) => {
-            return failed(
-                "chat",
-                &ClientError::BadReply("not a chat result".into()),
-                json,
-            )
         }
         Err(error) => return failed("chat", &error, json),
     }
@@ -181,25 +148,18 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
         model: Some(model.clone()),
         ..UnloadRequest::default()
     };
-    match call(&mut client, Request::Unload(unload)).await {
-        Ok(Outcome::Unload(unload)) => steps.report(
+    match client.unload(unload).await {
+        Ok(unload) => steps.report(
             "unload",
             started,
             &format!("unloaded {}", unload.unloaded.join(", ")),
         ),
-        Ok(_) => {
-            return failed(
-                "unload",
-                &ClientError::BadReply("not an unload result".into()),
-                json,
-            )
-        }
         Err(error) => return failed("unload", &error, json),
     }
 
     let started = Instant::now();
-    match call(&mut client, Request::Models).await {
-        Ok(Outcome::Models(list)) => {
+    match client.models().await {
+        Ok(list) => {
             let left: Vec<&String> = list
                 .models
                 .iter()
@@ -218,13 +178,6 @@ pub async fn run(socket: &Path, model: Option<String>, json: bool) -> ExitCode {
                 started,
                 &format!("the engine lists no instance of {model}"),
             );
-        }
-        Ok(_) => {
-            return failed(
-                "verify",
-                &ClientError::BadReply("not a model list".into()),
-                json,
-            )
         }
         Err(error) => return failed("verify", &error, json),
     }

@@ -8,7 +8,11 @@ use tokio::io::{BufReader, ReadHalf, WriteHalf};
 
 use crate::codec::{write_line, Frame, LineReader};
 use crate::error::WireError;
-use crate::message::{Envelope, Event, Outcome, Reply, ReplyBody, Request};
+use crate::message::{
+    ChatOutcome, ChatRequest, EmbedOutcome, EmbedRequest, Envelope, Event, LoadOutcome,
+    LoadRequest, ModelList, Outcome, Reply, ReplyBody, Request, StatusReport, UnloadOutcome,
+    UnloadRequest,
+};
 use crate::PROTOCOL_VERSION;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,4 +109,65 @@ impl Client {
             }
         }
     }
+
+    /// Daemon, engine, instances and memory.
+    pub async fn status(&mut self) -> Result<StatusReport, ClientError> {
+        match self.call(Request::Status, |_| {}).await? {
+            Outcome::Status(status) => Ok(status),
+            other => Err(unexpected("status", &other)),
+        }
+    }
+
+    /// The engine's catalogue, freshly read.
+    pub async fn models(&mut self) -> Result<ModelList, ClientError> {
+        match self.call(Request::Models, |_| {}).await? {
+            Outcome::Models(list) => Ok(list),
+            other => Err(unexpected("models", &other)),
+        }
+    }
+
+    pub async fn load(&mut self, request: LoadRequest) -> Result<LoadOutcome, ClientError> {
+        match self.call(Request::Load(request), |_| {}).await? {
+            Outcome::Load(load) => Ok(load),
+            other => Err(unexpected("load", &other)),
+        }
+    }
+
+    pub async fn unload(&mut self, request: UnloadRequest) -> Result<UnloadOutcome, ClientError> {
+        match self.call(Request::Unload(request), |_| {}).await? {
+            Outcome::Unload(unload) => Ok(unload),
+            other => Err(unexpected("unload", &other)),
+        }
+    }
+
+    /// One chat turn; its events (deltas with `stream`, queue positions, loads) go to
+    /// `on_event` as they come.
+    pub async fn chat(
+        &mut self,
+        request: ChatRequest,
+        on_event: impl FnMut(&Event),
+    ) -> Result<ChatOutcome, ClientError> {
+        match self.call(Request::Chat(request), on_event).await? {
+            Outcome::Chat(chat) => Ok(chat),
+            other => Err(unexpected("chat", &other)),
+        }
+    }
+
+    pub async fn embed(&mut self, request: EmbedRequest) -> Result<EmbedOutcome, ClientError> {
+        match self.call(Request::Embed(request), |_| {}).await? {
+            Outcome::Embed(embed) => Ok(embed),
+            other => Err(unexpected("embed", &other)),
+        }
+    }
+}
+
+/// A result of another kind than the request asked for.
+fn unexpected(asked: &str, outcome: &Outcome) -> ClientError {
+    let kind = serde_json::to_value(outcome)
+        .ok()
+        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
+        .unwrap_or_default();
+    ClientError::BadReply(format!(
+        "a {asked} request was answered with a {kind:?} result"
+    ))
 }

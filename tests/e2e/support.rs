@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use lmsd_proto::{Client, Outcome, Request, StatusReport};
+use lmsd_proto::{Client, Request, StatusReport};
 use lmstudio_sim::{SimConfig, Simulator};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -245,10 +245,11 @@ impl TestDaemon {
     }
 
     pub async fn status(&self) -> StatusReport {
-        match self.client().await.call(Request::Status, |_| {}).await {
-            Ok(Outcome::Status(status)) => status,
-            other => panic!("status failed: {other:?}"),
-        }
+        self.client()
+            .await
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("status failed: {e}"))
     }
 
     /// The status of `model`'s instance (the first, if it has several).
@@ -449,15 +450,12 @@ pub async fn chat(
     model: &str,
 ) -> Result<lmsd_proto::ChatOutcome, lmsd_proto::ClientError> {
     let mut client = Client::connect(socket).await?;
-    let request = Request::Chat(lmsd_proto::ChatRequest {
+    let request = lmsd_proto::ChatRequest {
         model: model.into(),
         input: "a task".into(),
         ..Default::default()
-    });
-    match client.call(request, |_| {}).await? {
-        Outcome::Chat(chat) => Ok(chat),
-        other => panic!("not a chat result: {other:?}"),
-    }
+    };
+    client.chat(request, |_| {}).await
 }
 
 /// A request line for the raw protocol.
