@@ -26,6 +26,8 @@ pub use config::Config;
 
 /// How long `[pool] unload_on_exit` may take before lmsd exits anyway.
 const UNLOAD_ON_EXIT_LIMIT: Duration = Duration::from_secs(30);
+/// How long the tasks beside the server (reloads, status reports, the front door) may take to end.
+const SIDE_TASKS_LIMIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -140,8 +142,19 @@ pub async fn run(
         started: Instant::now(),
         simulated: replies == ReplySource::Simulator,
     };
+    // Tasks beside the server, each ended by `side_stop` and awaited before `run` returns.
     let side_tasks = tokio_util::task::TaskTracker::new();
-    side_tasks.spawn({
+    let side_stop = CancellationToken::new();
+    let spawn_side = |work: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+        let stop = side_stop.clone();
+        side_tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = work => {}
+            }
+        });
+    };
+    spawn_side(Box::pin({
         let reloader = reloader.clone();
         async move {
             while reloads.recv().await.is_some() {
@@ -150,18 +163,18 @@ pub async fn run(
                 }
             }
         }
-    });
-    side_tasks.spawn(service::report_status(pool.clone()));
+    }));
+    spawn_side(Box::pin(service::report_status(pool.clone())));
     if let Some(http_listener) = http_listener {
         tracing::info!(listen = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "OpenAI-compatible front door open");
-        side_tasks.spawn(http::serve(
+        spawn_side(Box::pin(http::serve(
             http_listener,
             ctx.clone(),
             config.http.api_keys.clone(),
             shutdown.clone(),
-        ));
+        )));
     }
-    side_tasks.spawn({
+    spawn_side(Box::pin({
         let shutdown = shutdown.clone();
         let pool = pool.clone();
         async move {
@@ -170,7 +183,7 @@ pub async fn run(
             // Running tasks may finish; queued ones cannot start and are answered so.
             pool.drain().await;
         }
-    });
+    }));
     tracing::info!(
         socket = %socket.display(),
         engine = backend.kind().name(),
@@ -203,7 +216,14 @@ pub async fn run(
     let _ = pool_task.await;
     ledger_stop.cancel();
     let _ = ledger_flusher.await;
+    side_stop.cancel();
     side_tasks.close();
+    if tokio::time::timeout(SIDE_TASKS_LIMIT, side_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks beside the server did not end in time");
+    }
     drop(reloader);
     tracing::info!("lmsd stopped");
     Ok(())
