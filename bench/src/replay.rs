@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lmsd::pool::memory_engine::{MemoryEngine, MemoryModel};
+use lmsd::pool::policy::Ranking;
 use lmsd::pool::{AcquireRequest, Observers, PoolSettings};
 use lmsd_proto::{Priority, Ttl};
 use serde::Serialize;
@@ -172,16 +173,19 @@ pub enum Policy {
     LmStudioLastJit,
     Belady,
     BeladySize,
+    /// The pool itself with LRU's ranking and no turn hold: LRU as a queueing pool would be.
+    PoolLru,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 6] = [
+    pub const ALL: [Policy; 7] = [
         Policy::Lmsd,
         Policy::Lru,
         Policy::Ollama,
         Policy::LmStudioLastJit,
         Policy::Belady,
         Policy::BeladySize,
+        Policy::PoolLru,
     ];
 
     pub fn name(self) -> &'static str {
@@ -192,6 +196,7 @@ impl Policy {
             Policy::LmStudioLastJit => "LM Studio (last JIT only)",
             Policy::Belady => "Belady (furthest next use)",
             Policy::BeladySize => "Belady-Size (size x next use)",
+            Policy::PoolLru => "LRU through lmsd's pool",
         }
     }
 }
@@ -218,8 +223,12 @@ const MAX_WAIT: Duration = Duration::from_secs(120);
 const OLLAMA_KEEP_ALIVE: f64 = 300.0;
 
 pub fn replay(trace: &Trace, policy: Policy) -> Outcome {
-    if policy == Policy::Lmsd {
-        return replay_through_the_pool(trace);
+    match policy {
+        Policy::Lmsd => return replay_through_the_pool(trace, Ranking::ReloadCost, TURN_HOLD),
+        Policy::PoolLru => {
+            return replay_through_the_pool(trace, Ranking::LeastRecentlyUsed, Duration::ZERO)
+        }
+        _ => {}
     }
     // Next use of each model after each request index, for Belady.
     let mut next_use = vec![f64::INFINITY; trace.requests.len()];
@@ -301,7 +310,7 @@ fn outcome(load_seconds: f64, loads: u64, mut waits: Vec<f64>) -> Outcome {
 /// The trace through lmsd's own pool: each request is a task that arrives at its time, waits
 /// for a slot (the pool loading, evicting and holding as it does in the daemon), holds it for
 /// its service time and lets go. On a paused clock: hours of trace take moments.
-fn replay_through_the_pool(trace: &Trace) -> Outcome {
+fn replay_through_the_pool(trace: &Trace, ranking: Ranking, turn_hold: Duration) -> Outcome {
     // A runtime of its own, on its own thread: the benchmark's runtime has a real clock.
     let trace = trace.clone();
     std::thread::spawn(move || {
@@ -310,13 +319,13 @@ fn replay_through_the_pool(trace: &Trace) -> Outcome {
             .start_paused(true)
             .build()
             .expect("a runtime for the replay");
-        runtime.block_on(pool_replay(&trace))
+        runtime.block_on(pool_replay(&trace, ranking, turn_hold))
     })
     .join()
     .expect("the replay thread")
 }
 
-async fn pool_replay(trace: &Trace) -> Outcome {
+async fn pool_replay(trace: &Trace, ranking: Ranking, turn_hold: Duration) -> Outcome {
     let engine = MemoryEngine::new(
         trace
             .models
@@ -339,11 +348,12 @@ async fn pool_replay(trace: &Trace) -> Outcome {
         models: BTreeMap::new(),
         max_wait: MAX_WAIT,
         poll_interval: Duration::from_secs(5),
-        turn_hold: TURN_HOLD,
+        turn_hold,
         max_queue: usize::MAX,
         max_instances: 1,
         outage_wait: Duration::from_secs(30),
         orphan_wait: Duration::from_secs(600),
+        ranking,
         owned_file: None,
     };
     let observers = Observers {
@@ -424,7 +434,7 @@ fn choose(
     };
     match policy {
         // Replayed through the pool itself: see `replay_through_the_pool`.
-        Policy::Lmsd => Vec::new(),
+        Policy::Lmsd | Policy::PoolLru => Vec::new(),
         Policy::Lru | Policy::LmStudioLastJit => greedy(idle, &|(_, r)| r.last_used),
         Policy::Ollama => greedy(idle, &|(_, r)| r.last_used + OLLAMA_KEEP_ALIVE),
         Policy::Belady => greedy(idle, &|(m, _)| {

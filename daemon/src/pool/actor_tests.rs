@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::memory_engine::{MemoryEngine, MemoryModel};
+use super::policy::Ranking;
 use super::{AcquireRequest, Lease, Observers, PoolError, PoolHandle, PoolSettings};
 
 const GB: u64 = 1_000_000_000;
@@ -46,6 +47,7 @@ fn settings(budget_bytes: u64) -> PoolSettings {
         max_instances: 1,
         outage_wait: Duration::from_secs(30),
         orphan_wait: Duration::from_secs(600),
+        ranking: Ranking::default(),
         owned_file: None,
     }
 }
@@ -264,4 +266,38 @@ async fn one_instance_at_a_time_is_reloaded_for_a_task_that_needs_more_context()
     assert_eq!(engine.stats().unloads, 1, "one small instance gave way");
     assert_eq!(engine.contexts(), [4096, 8192]);
     drop(lease);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_in_steady_use_keeps_a_waiter_for_another_no_longer_than_one_hold() {
+    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let pool = start(
+        &engine,
+        PoolSettings {
+            turn_hold: Duration::from_secs(10),
+            ..settings(5 * GB)
+        },
+    );
+    drop(acquire(&pool, "a").await);
+    // An agent calls `a` every three seconds, renewing its hold each time.
+    let steady = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                if let Ok(lease) = pool.acquire(request("a")).await {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    drop(lease);
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let asked = Instant::now();
+    drop(acquire(&pool, "b").await);
+    let waited = asked.elapsed();
+    assert!(
+        waited < Duration::from_secs(20),
+        "waited {waited:?}: the hold yields after one turn_hold, not after max_wait"
+    );
+    steady.abort();
 }

@@ -44,6 +44,9 @@ pub struct PoolSettings {
     pub outage_wait: Duration,
     /// How long a load whose reply was lost may still finish on the engine (and be adopted).
     pub orphan_wait: Duration,
+    /// Which idle instances give way first (not a config key: lmsd's own; others are for the
+    /// benchmark's comparisons).
+    pub ranking: policy::Ranking,
     /// Where the ids of lmsd's own instances are kept, so that a restarted lmsd adopts them.
     pub owned_file: Option<std::path::PathBuf>,
 }
@@ -66,6 +69,7 @@ impl PoolSettings {
             max_instances: config.pool.max_instances,
             outage_wait: config.tasks.outage_wait,
             orphan_wait: config.request_timeout(),
+            ranking: policy::Ranking::default(),
             owned_file: config.state_file("instances.json"),
         })
     }

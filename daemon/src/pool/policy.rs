@@ -95,8 +95,30 @@ pub enum Fit {
     Never { holders: Vec<String> },
 }
 
+/// Which idle instances give way first when a load needs room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ranking {
+    /// lmsd's: the cheapest to lose first — reload time × uses ÷ idle time.
+    #[default]
+    ReloadCost,
+    /// The least recently used first: the usual cache policy, for the benchmark to compare.
+    LeastRecentlyUsed,
+}
+
 /// Decides how a load of `need` bytes fits in `budget`, with `used` bytes resident or reserved.
 pub fn plan_fit(residents: &[Resident], used: u64, budget: u64, need: u64, now: Instant) -> Fit {
+    plan_fit_ranked(residents, used, budget, need, now, Ranking::ReloadCost)
+}
+
+/// As [`plan_fit`], with victims chosen in the order of `ranking`.
+pub fn plan_fit_ranked(
+    residents: &[Resident],
+    used: u64,
+    budget: u64,
+    need: u64,
+    now: Instant,
+    ranking: Ranking,
+) -> Fit {
     let free = budget.saturating_sub(used);
     if need <= free {
         return Fit::Fits;
@@ -111,7 +133,12 @@ pub fn plan_fit(residents: &[Resident], used: u64, budget: u64, need: u64, now: 
         .iter()
         .filter(|r| r.evictable_for_room())
         .collect();
-    candidates.sort_by(|a, b| a.keep_value(now).total_cmp(&b.keep_value(now)));
+    match ranking {
+        Ranking::ReloadCost => {
+            candidates.sort_by(|a, b| a.keep_value(now).total_cmp(&b.keep_value(now)))
+        }
+        Ranking::LeastRecentlyUsed => candidates.sort_by_key(|r| r.last_used),
+    }
     let mut victims: Vec<&Resident> = Vec::new();
     let mut freed = 0u64;
     for candidate in candidates {

@@ -363,12 +363,13 @@ impl Actor {
     pub(super) fn evict_one_for_memory(&mut self, now: Instant) -> bool {
         let residents = self.residents(now, true);
         // Asking for the whole budget makes policy list victims cheapest first; take the first.
-        match policy::plan_fit(
+        match policy::plan_fit_ranked(
             &residents,
             self.settings.budget_bytes,
             self.settings.budget_bytes,
             1,
             now,
+            self.settings.ranking,
         ) {
             Fit::Evict(victims) if !victims.is_empty() => {
                 self.start_unload(&victims[0], "memory");

@@ -346,9 +346,13 @@ impl Actor {
             holders,
             waited,
         };
-        let starving =
-            now.saturating_duration_since(self.waiters[index].enqueued) >= self.settings.max_wait;
-        match self.fit(model, now, starving) {
+        let waited = now.saturating_duration_since(self.waiters[index].enqueued);
+        let starving = waited >= self.settings.max_wait;
+        // A turn hold keeps an instance for its agent's next call, but no waiter sits out more
+        // than one hold's length for it: a model in steady use renews its hold with every call,
+        // and would otherwise keep a task for another model waiting until `max_wait`.
+        let holds_yield = starving || waited >= self.settings.turn_hold;
+        match self.fit(model, now, holds_yield) {
             Fit::Fits => {
                 self.start_load(model, request, ttl);
                 None

@@ -67,12 +67,13 @@ impl Actor {
             .sum();
         let used = self.used_bytes();
         let need = self.bytes(model.size_bytes);
-        match policy::plan_fit(
+        match policy::plan_fit_ranked(
             &residents,
             used - leaving,
             self.settings.budget_bytes,
             need,
             now,
+            self.settings.ranking,
         ) {
             Fit::Fits if used + need > self.settings.budget_bytes => {
                 Fit::WaitForBusy { busy: Vec::new() }
