@@ -231,6 +231,13 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
             verdict(no_slower_in_the_pool),
             verdict(lmsd.load_seconds <= 1.05 * belady)
         );
+        if let Some(beyond) = lmsd.p99_interactive_beyond_load_s {
+            println!(
+                "    interactive tasks through lmsd: p99 wait beyond their load {beyond:.1} s (target <= 2 s: {}; LRU through the pool: {:.1} s)",
+                verdict(beyond <= 2.0),
+                pool_lru.p99_interactive_beyond_load_s.unwrap_or(0.0)
+            );
+        }
         p4.insert(
             trace.name.to_owned(),
             json!(outcomes

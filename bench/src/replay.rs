@@ -34,6 +34,8 @@ pub struct Request {
     pub at: f64,
     pub model: usize,
     pub service: f64,
+    /// The queue priority it asks for (the cache simulations ignore it).
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +108,7 @@ pub fn traces(requests: usize, seed: u64) -> Vec<Trace> {
             at,
             model: order[zipf.sample(&mut rng)],
             service: 2.0 + rng.f64() * 8.0,
+            priority: Priority::Normal,
         });
     }
 
@@ -118,7 +121,12 @@ pub fn traces(requests: usize, seed: u64) -> Vec<Trace> {
         let burst = 1 + (exponential(&mut rng, 9.0) as usize);
         for _ in 0..burst {
             let service = 2.0 + rng.f64() * 6.0;
-            sessions.push(Request { at, model, service });
+            sessions.push(Request {
+                at,
+                model,
+                service,
+                priority: Priority::Normal,
+            });
             at += service + exponential(&mut rng, 8.0);
         }
     }
@@ -140,6 +148,7 @@ pub fn traces(requests: usize, seed: u64) -> Vec<Trace> {
             at,
             model: shifted[zipf.sample(&mut rng)],
             service: 2.0 + rng.f64() * 8.0,
+            priority: Priority::Normal,
         });
     }
 
@@ -158,11 +167,50 @@ pub fn traces(requests: usize, seed: u64) -> Vec<Trace> {
         },
         Trace {
             name: "shifting working set",
-            models,
+            models: models.clone(),
             requests: shifting,
             budget,
         },
+        Trace {
+            name: "agent fan-out",
+            models,
+            requests: fan_out(requests, &mut rng),
+            budget,
+        },
     ]
+}
+
+/// Agents fanning out: bursts of short interactive tasks on two or three of the five smaller
+/// models, while a long batch runs on the 14 GiB model at low priority — a task every 5 s, each
+/// busy for 30 s.
+fn fan_out(requests: usize, rng: &mut fastrand::Rng) -> Vec<Request> {
+    const BATCH_MODEL: usize = 6;
+    let mut out = Vec::with_capacity(requests);
+    let mut at = 0.0;
+    while out.len() < requests {
+        at += 5.0;
+        out.push(Request {
+            at,
+            model: BATCH_MODEL,
+            service: 30.0,
+            priority: Priority::Batch,
+        });
+        if rng.f64() < 0.2 {
+            // A burst: an agent offloads five to ten short tasks over two or three models.
+            let models: Vec<usize> = (0..2 + rng.usize(..2)).map(|_| rng.usize(..5)).collect();
+            for n in 0..5 + rng.usize(..6) {
+                out.push(Request {
+                    at: at + 0.2 * n as f64,
+                    model: models[n % models.len()],
+                    service: 1.0 + rng.f64() * 2.0,
+                    priority: Priority::Interactive,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.at.total_cmp(&b.at));
+    out.truncate(requests);
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +262,10 @@ pub struct Outcome {
     pub loads: u64,
     pub p99_wait_s: f64,
     pub mean_wait_s: f64,
+    /// For interactive requests (when the trace has some): the p99 of their wait beyond the
+    /// load time of their model, i.e. what they waited on others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_interactive_beyond_load_s: Option<f64>,
 }
 
 /// lmsd's turn hold and max wait, as the daemon has them by default.
@@ -292,17 +344,28 @@ pub fn replay(trace: &Trace, policy: Policy) -> Outcome {
         entry.uses += 1;
         waits.push(start - request.at);
     }
-    outcome(load_seconds, loads, waits)
+    outcome(trace, load_seconds, loads, waits)
 }
 
-fn outcome(load_seconds: f64, loads: u64, mut waits: Vec<f64>) -> Outcome {
-    waits.sort_by(f64::total_cmp);
-    let p99 = waits.get(waits.len() * 99 / 100).copied().unwrap_or(0.0);
+/// The figures of a replay, from each request's wait (in trace order).
+fn outcome(trace: &Trace, load_seconds: f64, loads: u64, waits: Vec<f64>) -> Outcome {
+    let p99 = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() * 99 / 100).copied().unwrap_or(0.0)
+    };
+    let beyond_load: Vec<f64> = trace
+        .requests
+        .iter()
+        .zip(&waits)
+        .filter(|(r, _)| r.priority == Priority::Interactive)
+        .map(|(r, wait)| (wait - trace.models[r.model].load_secs).max(0.0))
+        .collect();
     let mean = waits.iter().sum::<f64>() / waits.len().max(1) as f64;
     Outcome {
         load_seconds,
         loads,
-        p99_wait_s: p99,
+        p99_interactive_beyond_load_s: (!beyond_load.is_empty()).then(|| p99(beyond_load)),
+        p99_wait_s: p99(waits),
         mean_wait_s: mean,
     }
 }
@@ -380,7 +443,7 @@ async fn pool_replay(trace: &Trace, ranking: Ranking, turn_hold: Duration) -> Ou
                     .acquire(AcquireRequest {
                         model: format!("m{}", request.model),
                         ttl: None,
-                        priority: Priority::Normal,
+                        priority: request.priority,
                         deadline: arrives + Duration::from_secs(365 * 24 * 3600),
                         context_length: None,
                         min_context: None,
@@ -402,7 +465,7 @@ async fn pool_replay(trace: &Trace, ranking: Ranking, turn_hold: Duration) -> Ou
     shutdown.cancel();
     let _ = actor.await;
     let stats = engine.stats();
-    outcome(stats.load_time.as_secs_f64(), stats.loads, waits)
+    outcome(trace, stats.load_time.as_secs_f64(), stats.loads, waits)
 }
 
 fn choose(

@@ -301,3 +301,28 @@ async fn a_model_in_steady_use_keeps_a_waiter_for_another_no_longer_than_one_hol
     );
     steady.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_interactive_task_sits_out_another_models_hold_for_a_moment_only() {
+    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let pool = start(
+        &engine,
+        PoolSettings {
+            turn_hold: Duration::from_secs(10),
+            ..settings(5 * GB)
+        },
+    );
+    drop(acquire(&pool, "a").await);
+    let asked = Instant::now();
+    let lease = pool
+        .acquire(AcquireRequest {
+            priority: Priority::Interactive,
+            ..request("b")
+        })
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    // A second of patience, then b's two-second load.
+    assert!(waited < Duration::from_secs(4), "waited {waited:?}");
+    drop(lease);
+}

@@ -50,6 +50,8 @@ const LOAD_FAILURE_MEMORY: Duration = Duration::from_secs(60);
 const OUTAGE_RETRY_FIRST: Duration = Duration::from_millis(250);
 /// … up to this.
 const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long an interactive task waits for another instance's turn hold before it gives way.
+const INTERACTIVE_HOLD_PATIENCE: Duration = Duration::from_secs(1);
 /// Waiting this long raises a task's priority by one level, so batch work cannot starve.
 const AGING_STEP: Duration = Duration::from_secs(30);
 /// Waiters visited after an event other than the clock tick (see `pump`).

@@ -351,7 +351,13 @@ impl Actor {
         // A turn hold keeps an instance for its agent's next call, but no waiter sits out more
         // than one hold's length for it: a model in steady use renews its hold with every call,
         // and would otherwise keep a task for another model waiting until `max_wait`.
-        let holds_yield = starving || waited >= self.settings.turn_hold;
+        // An interactive task is an agent waiting now: it sits out another's hold for a moment
+        // at most, not a whole hold.
+        let patience = match self.waiters[index].priority {
+            Priority::Interactive => self.settings.turn_hold.min(INTERACTIVE_HOLD_PATIENCE),
+            _ => self.settings.turn_hold,
+        };
+        let holds_yield = starving || waited >= patience;
         match self.fit(model, now, holds_yield) {
             Fit::Fits => {
                 self.start_load(model, request, ttl);
