@@ -5,6 +5,7 @@
 //!
 //! `errors` classifies what goes wrong, `http` is the transport both share.
 
+mod conversations;
 mod errors;
 mod http;
 pub mod llama_server;

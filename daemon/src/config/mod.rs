@@ -1,4 +1,11 @@
-//! The daemon's configuration: TOML structs with defaults, strict about unknown keys.
+//! The daemon's configuration: TOML structs with defaults, strict about unknown keys. The
+//! engines' sections are in `engine`, sizes and memory budgets in `sizes`.
+
+mod engine;
+mod sizes;
+
+pub use engine::*;
+pub use sizes::*;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -205,110 +212,6 @@ pub struct RoutingConfig {
     pub prefer: Vec<String>,
 }
 
-/// A byte count written with a unit: `"512MiB"`, `"24GiB"`, `"8 GB"`, or `"0"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteCount(pub u64);
-
-impl FromStr for ByteCount {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        text.trim()
-            .parse::<bytesize::ByteSize>()
-            .map(|size| ByteCount(size.as_u64()))
-            .map_err(|_| format!("invalid size {text:?}: use a number with a unit, such as \"512MiB\" or \"24GiB\""))
-    }
-}
-
-impl fmt::Display for ByteCount {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
-    }
-}
-
-/// The pool's memory budget, as configured.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MemoryBudget {
-    /// A share of physical memory.
-    Percent(f64),
-    Bytes(ByteCount),
-}
-
-impl FromStr for MemoryBudget {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text.trim().strip_suffix('%') {
-            Some(number) => match number.trim().parse::<f64>() {
-                Ok(p) if p > 0.0 && p <= 100.0 => Ok(MemoryBudget::Percent(p)),
-                _ => Err(format!(
-                    "invalid memory budget {text:?}: a percentage must be in (0, 100]"
-                )),
-            },
-            None => text.parse().map(MemoryBudget::Bytes),
-        }
-    }
-}
-
-impl fmt::Display for MemoryBudget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MemoryBudget::Percent(p) => write!(f, "{p}%"),
-            MemoryBudget::Bytes(bytes) => bytes.fmt(f),
-        }
-    }
-}
-
-impl MemoryBudget {
-    /// The budget in bytes, given the machine's physical memory.
-    pub fn resolve(self, physical: Option<u64>) -> Result<u64, ConfigError> {
-        match self {
-            MemoryBudget::Bytes(ByteCount(bytes)) => Ok(bytes),
-            MemoryBudget::Percent(p) => physical
-                .map(|total| (total as f64 * p / 100.0) as u64)
-                .ok_or_else(|| {
-                    ConfigError::Invalid(
-                        "[pool] memory_budget: cannot read this machine's memory size; give a size such as \"24GiB\"".into(),
-                    )
-                }),
-        }
-    }
-}
-
-/// Physical memory of this machine, if the OS tells.
-pub fn physical_memory() -> Option<u64> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let info = rustix::system::sysinfo();
-        Some(info.totalram * u64::from(info.mem_unit))
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    {
-        let out = std::process::Command::new("sysctl")
-            .args(["-n", "hw.memsize"])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    }
-}
-
-/// Serde through `FromStr` and `Display`, for the string-valued config types.
-macro_rules! serde_via_str {
-    ($($ty:ty),*) => {$(
-        impl Serialize for $ty {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_str(self)
-            }
-        }
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
-            }
-        }
-    )*};
-}
-serde_via_str!(ByteCount, MemoryBudget);
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -347,169 +250,6 @@ impl Default for ServerConfig {
             allow_uids: Vec::new(),
             allow_gid: None,
         }
-    }
-}
-
-/// `[backend]`: which engine lmsd drives.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BackendConfig {
-    pub kind: EngineKind,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EngineKind {
-    /// LM Studio's REST API v1, set in `[lmstudio]`.
-    #[default]
-    Lmstudio,
-    /// llama.cpp's `llama-server` in router mode, set in `[llama_server]`.
-    LlamaServer,
-}
-
-impl EngineKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            EngineKind::Lmstudio => "lmstudio",
-            EngineKind::LlamaServer => "llama-server",
-        }
-    }
-}
-
-/// What differs between the engines' connection sections: their defaults and names.
-pub trait EngineSection: Clone {
-    /// The TOML section, for messages.
-    const SECTION: &'static str;
-    const DEFAULT_URL: &'static str;
-    /// Environment variable that overrides the API token.
-    const TOKEN_ENV: &'static str;
-    /// Sent when no token is set.
-    const DEFAULT_TOKEN: Option<&'static str>;
-}
-
-#[derive(Debug, Clone)]
-pub struct LmStudioSection;
-
-impl EngineSection for LmStudioSection {
-    const SECTION: &'static str = "lmstudio";
-    const DEFAULT_URL: &'static str = "http://127.0.0.1:1234";
-    const TOKEN_ENV: &'static str = "LMSD_LMSTUDIO_TOKEN";
-    /// LM Studio accepts any token when auth is off; this is what its own tools send.
-    const DEFAULT_TOKEN: Option<&'static str> = Some("lmstudio");
-}
-
-#[derive(Debug, Clone)]
-pub struct LlamaServerSection;
-
-impl EngineSection for LlamaServerSection {
-    const SECTION: &'static str = "llama_server";
-    const DEFAULT_URL: &'static str = "http://127.0.0.1:8080";
-    const TOKEN_ENV: &'static str = "LMSD_LLAMA_SERVER_TOKEN";
-    /// llama-server checks no key unless started with `--api-key`.
-    const DEFAULT_TOKEN: Option<&'static str> = None;
-}
-
-/// `[lmstudio]`.
-pub type LmStudioConfig = EngineConfig<LmStudioSection>;
-/// `[llama_server]`.
-pub type LlamaServerConfig = EngineConfig<LlamaServerSection>;
-
-/// How lmsd reaches one engine.
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default, bound = "")]
-pub struct EngineConfig<S: EngineSection> {
-    pub url: String,
-    /// API token; `token_file` and the section's environment variable take precedence.
-    pub token: Option<String>,
-    pub token_file: Option<PathBuf>,
-    /// How often the model catalogue is re-read.
-    #[serde(with = "humantime_serde")]
-    pub poll_interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Limit for quick calls: listing models, unloading.
-    #[serde(with = "humantime_serde")]
-    pub control_timeout: Duration,
-    /// Limit for loads and chats, which can take minutes on large models.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    #[serde(skip)]
-    section: std::marker::PhantomData<S>,
-}
-
-// The token must never reach a log line or a Debug print.
-impl<S: EngineSection> std::fmt::Debug for EngineConfig<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct(S::SECTION)
-            .field("url", &self.url)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("token_file", &self.token_file)
-            .field("poll_interval", &self.poll_interval)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("control_timeout", &self.control_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .finish()
-    }
-}
-
-impl<S: EngineSection> Default for EngineConfig<S> {
-    fn default() -> Self {
-        EngineConfig {
-            url: S::DEFAULT_URL.into(),
-            token: None,
-            token_file: None,
-            poll_interval: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(3),
-            control_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(600),
-            section: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<S: EngineSection> EngineConfig<S> {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let section = S::SECTION;
-        let url = reqwest::Url::parse(&self.url).map_err(|e| {
-            ConfigError::Invalid(format!("[{section}] url {:?} is not a URL: {e}", self.url))
-        })?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(ConfigError::Invalid(format!(
-                "[{section}] url {:?} must start with http:// or https://",
-                self.url
-            )));
-        }
-        for (name, value) in [
-            ("poll_interval", self.poll_interval),
-            ("connect_timeout", self.connect_timeout),
-            ("control_timeout", self.control_timeout),
-            ("request_timeout", self.request_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::Invalid(format!(
-                    "[{section}] {name} must be more than 0"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// The API token: the section's environment variable, else `token_file`, else `token`, else
-    /// the engine's default (none for llama-server).
-    pub fn token(&self) -> Result<Option<String>, ConfigError> {
-        if let Ok(token) = std::env::var(S::TOKEN_ENV) {
-            if !token.is_empty() {
-                return Ok(Some(token));
-            }
-        }
-        if let Some(path) = &self.token_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
-                path: path.clone(),
-                source,
-            })?;
-            return Ok(Some(text.trim().to_owned()));
-        }
-        Ok(self.token.clone().or(S::DEFAULT_TOKEN.map(str::to_owned)))
     }
 }
 
@@ -629,7 +369,7 @@ impl Config {
     }
 
     /// The commented example config that `lmsd --print-default-config` writes.
-    pub const EXAMPLE: &'static str = include_str!("../lmsd.example.toml");
+    pub const EXAMPLE: &'static str = include_str!("../../lmsd.example.toml");
 
     /// A file in lmsd's state directory (`sessions.json`, `instances.json`).
     pub fn state_file(&self, name: &str) -> Option<PathBuf> {
@@ -794,7 +534,7 @@ mod tests {
 
     #[test]
     fn the_readme_example_config_is_valid() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let start =
             readme.find("```toml\n").expect("the README shows a config") + "```toml\n".len();
         let end = start + readme[start..].find("```").expect("the block ends");
