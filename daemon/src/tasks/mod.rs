@@ -30,7 +30,7 @@ use crate::pool::{PoolError, PoolHandle};
 pub use errors::TaskError;
 use registry::Registry;
 use runner::{run_task, Done, Work};
-use sessions::{Sessions, SystemPrompt};
+use sessions::Sessions;
 
 /// Where a request's events go: its client's connection, under its id.
 #[derive(Debug, Clone)]
@@ -344,28 +344,17 @@ async fn run_chat(
         cancel,
     )
     .await?;
-    let (Done::Chat(reply), Some((content, source))) = (&done, done.text()) else {
+    let (Done::Chat { reply, system }, Some((content, source))) = (&done, done.text()) else {
         return Err(TaskError::EmptyReply {
             instance: answered.instance,
         });
     };
     if let Some(response_id) = &reply.response_id {
-        // The conversation's system prompt: the one it began with, or this chat's if it began
-        // one (the session still names the turn this chat continued).
-        let system = ctx
-            .sessions
-            .conversation(
-                request.previous_response_id.as_deref(),
-                request.session.as_deref(),
-                &report.model,
-            )
-            .and_then(|c| c.began_with)
-            .unwrap_or(SystemPrompt::of(request.system_prompt.as_deref()));
         match &request.session {
             Some(session) => ctx
                 .sessions
-                .record(session, &report.model, response_id, system),
-            None => ctx.sessions.remember(response_id, system),
+                .record(session, &report.model, response_id, *system),
+            None => ctx.sessions.remember(response_id, *system),
         }
     }
     Ok(ChatOutcome {

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::choice::{self, Candidate, PoolView};
 use super::registry::TaskHandle;
+use super::sessions::SystemPrompt;
 use super::work::context_needed;
 use super::{millis, Context, EventSink, TaskError};
 use crate::backend::{BackendError, ChatReply, TextSource};
@@ -38,7 +39,11 @@ pub(super) enum Work<'a> {
 }
 
 pub(super) enum Done {
-    Chat(ChatReply),
+    /// The reply, and the system prompt of the conversation it belongs to.
+    Chat {
+        reply: ChatReply,
+        system: SystemPrompt,
+    },
     Embed(Vec<Vec<f64>>),
 }
 
@@ -46,7 +51,7 @@ impl Done {
     /// A chat's text and where it came from; `None` for embeddings or an empty chat.
     pub(super) fn text(&self) -> Option<(String, TextSource)> {
         match self {
-            Done::Chat(reply) => reply.text(),
+            Done::Chat { reply, .. } => reply.text(),
             Done::Embed(_) => None,
         }
     }

@@ -36,6 +36,12 @@ impl Task<'_> {
             }
             Work::Chat(chat) => {
                 let continues = self.continues(chat, &candidate.model)?;
+                // The system prompt of the conversation this reply belongs to: the one it began
+                // with, or this chat's when it begins one.
+                let system = continues
+                    .as_ref()
+                    .and_then(|c| c.began_with)
+                    .unwrap_or(SystemPrompt::of(chat.system_prompt.as_deref()));
                 let body = ChatBody {
                     model: lease.instance_id.clone(),
                     input: chat.input.clone(),
@@ -113,7 +119,7 @@ impl Task<'_> {
                         instance: reply.model_instance_id,
                     });
                 }
-                Ok(Done::Chat(reply))
+                Ok(Done::Chat { reply, system })
             }
         }
     }
