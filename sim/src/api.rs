@@ -17,9 +17,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::catalogue::{SimFormat, SimModel, SimModelKind};
+use crate::errors::ApiError;
 use crate::faults::{take_fault, take_fault_where, Fault, Route};
 use crate::server::CloseWithoutReply;
-use crate::state::{ApiError, LoadSettings, GGUF_PARALLEL, MLX_PARALLEL};
+use crate::state::{LoadSettings, GGUF_PARALLEL, MLX_PARALLEL};
 use crate::{chat, embeddings, Shared};
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {

@@ -19,8 +19,9 @@ use tokio::sync::mpsc;
 
 use crate::api::{accept, error_json, error_response, load_instance, pause, InFlight};
 use crate::catalogue::SimModel;
+use crate::errors::ApiError;
 use crate::faults::{Fault, Route};
-use crate::state::{ApiError, LoadSettings, StoredResponse, Target};
+use crate::state::{LoadSettings, StoredResponse, Target};
 use crate::Shared;
 
 #[derive(Deserialize)]

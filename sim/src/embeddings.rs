@@ -12,8 +12,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{accept, error_response, load_instance, pause, InFlight};
+use crate::errors::{ApiError, CRASH_MESSAGE};
 use crate::faults::{Fault, Route};
-use crate::state::{ApiError, LoadSettings, Target, CRASH_MESSAGE};
+use crate::state::{LoadSettings, Target};
 use crate::Shared;
 
 #[derive(Deserialize)]

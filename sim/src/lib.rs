@@ -29,6 +29,7 @@ mod api;
 pub mod catalogue;
 mod chat;
 mod embeddings;
+mod errors;
 pub mod faults;
 mod server;
 mod state;
