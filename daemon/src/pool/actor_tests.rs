@@ -86,6 +86,20 @@ async fn instances(pool: &PoolHandle) -> Vec<InstanceStatus> {
     pool.status().await.unwrap().instances
 }
 
+/// Room for one of two 4 GB models, `a` just used and held for ten seconds.
+async fn a_just_used_with_no_room_for_b() -> (MemoryEngine, PoolHandle) {
+    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
+    let pool = start(
+        &engine,
+        PoolSettings {
+            turn_hold: Duration::from_secs(10),
+            ..settings(5 * GB)
+        },
+    );
+    drop(acquire(&pool, "a").await);
+    (engine, pool)
+}
+
 #[tokio::test(start_paused = true)]
 async fn twenty_waiters_for_an_unloaded_model_make_one_load() {
     let engine = engine(&[("a", 2 * GB)]);
@@ -159,15 +173,7 @@ async fn a_load_waits_for_a_busy_instance_and_gives_up_at_its_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_just_used_instance_is_held_for_the_turn_hold_then_gives_way() {
-    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
-    let pool = start(
-        &engine,
-        PoolSettings {
-            turn_hold: Duration::from_secs(10),
-            ..settings(5 * GB)
-        },
-    );
-    drop(acquire(&pool, "a").await);
+    let (engine, pool) = a_just_used_with_no_room_for_b().await;
     let asked = Instant::now();
     drop(acquire(&pool, "b").await);
     let waited = asked.elapsed();
@@ -270,15 +276,7 @@ async fn one_instance_at_a_time_is_reloaded_for_a_task_that_needs_more_context()
 
 #[tokio::test(start_paused = true)]
 async fn a_model_in_steady_use_keeps_a_waiter_for_another_no_longer_than_one_hold() {
-    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
-    let pool = start(
-        &engine,
-        PoolSettings {
-            turn_hold: Duration::from_secs(10),
-            ..settings(5 * GB)
-        },
-    );
-    drop(acquire(&pool, "a").await);
+    let (_, pool) = a_just_used_with_no_room_for_b().await;
     // An agent calls `a` every three seconds, renewing its hold each time.
     let steady = {
         let pool = pool.clone();
@@ -304,15 +302,7 @@ async fn a_model_in_steady_use_keeps_a_waiter_for_another_no_longer_than_one_hol
 
 #[tokio::test(start_paused = true)]
 async fn an_interactive_task_sits_out_another_models_hold_for_a_moment_only() {
-    let engine = engine(&[("a", 4 * GB), ("b", 4 * GB)]);
-    let pool = start(
-        &engine,
-        PoolSettings {
-            turn_hold: Duration::from_secs(10),
-            ..settings(5 * GB)
-        },
-    );
-    drop(acquire(&pool, "a").await);
+    let (_, pool) = a_just_used_with_no_room_for_b().await;
     let asked = Instant::now();
     let lease = pool
         .acquire(AcquireRequest {
