@@ -100,6 +100,18 @@ impl Actor {
     /// just-in-time loads racing each other (`key:2`, `key:3`, bug tracker #1751). The newest
     /// idle ones go.
     pub(super) fn unload_duplicates(&mut self) {
+        // This runs on every event: the usual table, one instance per model, costs a scan and
+        // nothing more.
+        let own = |i: &&Instance| i.loaded_by == LoadedBy::Lmsd;
+        let any_twice = self.instances.iter().enumerate().any(|(n, a)| {
+            own(&a)
+                && self.instances[n + 1..]
+                    .iter()
+                    .any(|b| own(&b) && b.model == a.model)
+        });
+        if !any_twice {
+            return;
+        }
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let mut extra = Vec::new();
         let mut own: Vec<&Instance> = self
