@@ -11,9 +11,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lmsd_proto::{
-    CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, Event, LoadRequest, Needs,
-    PinRequest, Priority, Request, SavingsGrouping, SavingsRequest, SessionsRequest, TaskOptions,
-    Ttl, UnloadRequest, WireDuration,
+    CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, Event, LoadRequest,
+    LoadSettings, Needs, PinRequest, Priority, Request, SavingsGrouping, SavingsRequest,
+    SessionsRequest, TaskOptions, Ttl, UnloadRequest, WireDuration,
 };
 
 /// Command line for lmsd, the LM Studio lifecycle daemon: run tasks on local models, manage
@@ -47,14 +47,20 @@ enum Command {
     Load {
         /// Model key, as `lmsd-ctl models` shows it.
         key: String,
+        /// Context length in tokens (LM Studio only; llama-server takes its settings from its
+        /// preset file).
         #[arg(long)]
         context_length: Option<u32>,
+        /// Tokens per evaluation batch (LM Studio).
         #[arg(long)]
         eval_batch_size: Option<u32>,
+        /// Flash attention on or off: true or false (LM Studio).
         #[arg(long)]
         flash_attention: Option<bool>,
+        /// Experts to use, for mixture-of-experts models (LM Studio).
         #[arg(long)]
         num_experts: Option<u32>,
+        /// Keep the KV cache in GPU memory: true or false (LM Studio).
         #[arg(long)]
         offload_kv_cache_to_gpu: Option<bool>,
         /// Idle TTL: a duration ("90s", "15m"), "0" (unload when idle) or "never".
@@ -299,11 +305,13 @@ async fn main() -> ExitCode {
             pin,
         } => Request::Load(LoadRequest {
             model: key,
-            context_length,
-            eval_batch_size,
-            flash_attention,
-            num_experts,
-            offload_kv_cache_to_gpu,
+            settings: LoadSettings {
+                context_length,
+                eval_batch_size,
+                flash_attention,
+                num_experts,
+                offload_kv_cache_to_gpu,
+            },
             ttl,
             pin,
         }),

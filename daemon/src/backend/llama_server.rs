@@ -153,12 +153,7 @@ impl LlamaServer {
     }
 
     pub async fn load(&self, body: &LoadBody) -> Result<LoadReply, BackendError> {
-        if body.context_length.is_some()
-            || body.eval_batch_size.is_some()
-            || body.flash_attention.is_some()
-            || body.num_experts.is_some()
-            || body.offload_kv_cache_to_gpu.is_some()
-        {
+        if !body.settings.is_empty() {
             return Err(no_load_settings());
         }
         let started = Instant::now();

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{classify_error, decode_reply, BackendError, Http, Limit, Opened};
+use lmsd_proto::LoadSettings;
 
 // ---------------------------------------------------------------------------------------------
 // Wire types. Lenient on input (optional fields default), exact on output (LM Studio's load body
@@ -72,16 +73,8 @@ struct ModelsReply {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoadBody {
     pub model: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub context_length: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub eval_batch_size: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub flash_attention: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub num_experts: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub offload_kv_cache_to_gpu: Option<bool>,
+    #[serde(flatten)]
+    pub settings: LoadSettings,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub echo_load_config: bool,
 }
@@ -518,7 +511,10 @@ mod tests {
     fn load_body_sends_only_set_keys() {
         let body = LoadBody {
             model: "m".into(),
-            context_length: Some(8192),
+            settings: LoadSettings {
+                context_length: Some(8192),
+                ..LoadSettings::default()
+            },
             ..LoadBody::default()
         };
         assert_eq!(

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use lmsd_proto::Ttl;
+use lmsd_proto::{LoadSettings, Ttl};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -153,6 +153,8 @@ pub struct ModelConfig {
     /// Memory to count for this model instead of the size the engine reports (LM Studio's
     /// `size_bytes`; on llama-server the file's, or its child's resident memory).
     pub size: Option<ByteCount>,
+    // LM Studio's load settings, spelt out rather than a flattened `LoadSettings`: TOML errors
+    // inside a flattened struct lose their line.
     pub context_length: Option<u32>,
     pub eval_batch_size: Option<u32>,
     pub flash_attention: Option<bool>,
@@ -161,13 +163,15 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Does it set anything sent with a load (beyond the model's key)?
-    pub fn has_load_settings(&self) -> bool {
-        self.context_length.is_some()
-            || self.eval_batch_size.is_some()
-            || self.flash_attention.is_some()
-            || self.num_experts.is_some()
-            || self.offload_kv_cache_to_gpu.is_some()
+    /// What is sent with every load of this model.
+    pub fn load_settings(&self) -> LoadSettings {
+        LoadSettings {
+            context_length: self.context_length,
+            eval_batch_size: self.eval_batch_size,
+            flash_attention: self.flash_attention,
+            num_experts: self.num_experts,
+            offload_kv_cache_to_gpu: self.offload_kv_cache_to_gpu,
+        }
     }
 }
 
@@ -307,7 +311,11 @@ impl Config {
         }
         if self.backend.kind == EngineKind::LlamaServer {
             // llama-server's router takes load settings from its preset file, not from a load.
-            if let Some((key, _)) = self.models.iter().find(|(_, m)| m.has_load_settings()) {
+            if let Some((key, _)) = self
+                .models
+                .iter()
+                .find(|(_, m)| !m.load_settings().is_empty())
+            {
                 return Err(ConfigError::Invalid(format!(
                     "[models.{key:?}] has load settings, which llama-server does not take on a load: set them in its --models-preset file (for example `c = 8192`)"
                 )));
@@ -438,6 +446,18 @@ mod tests {
         .to_string();
         assert!(err.contains("urll"), "{err}");
         assert!(err.contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_load_setting_of_a_model_names_the_key() {
+        let err = Config::parse("[models.\"m\"]\npinned = true\nflash_atention = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flash_atention"), "{err}");
+        let config =
+            Config::parse("[models.\"m\"]\nflash_attention = true\nnum_experts = 4\n").unwrap();
+        assert_eq!(config.models["m"].flash_attention, Some(true));
+        assert_eq!(config.models["m"].load_settings().num_experts, Some(4));
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Engine for MemoryEngine {
                     message: format!("no model {:?}", body.model),
                 })?;
             tokio::time::sleep(load_time).await;
-            let context_length = body.context_length.unwrap_or(4096);
+            let context_length = body.settings.context_length.unwrap_or(4096);
             let id = self.load_outside(&body.model, context_length);
             let lost = {
                 let mut state = self.state();

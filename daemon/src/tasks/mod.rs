@@ -130,13 +130,8 @@ pub async fn models(ctx: &Context) -> Result<ModelList, TaskError> {
 }
 
 pub async fn load(ctx: &Context, request: LoadRequest) -> Result<LoadOutcome, TaskError> {
-    ctx.backend.accept_load_settings(
-        request.context_length.is_some()
-            || request.eval_batch_size.is_some()
-            || request.flash_attention.is_some()
-            || request.num_experts.is_some()
-            || request.offload_kv_cache_to_gpu.is_some(),
-    )?;
+    ctx.backend
+        .accept_load_settings(!request.settings.is_empty())?;
     Ok(ctx.pool.load(request).await?)
 }
 

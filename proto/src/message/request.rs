@@ -136,28 +136,57 @@ pub struct PinRequest {
     pub model: String,
 }
 
-/// `{"type":"load", "model":"qwen/qwen3-4b", "context_length":8192}`. The optional fields are
-/// LM Studio's load settings and are passed on as given.
+/// `{"type":"load", "model":"qwen/qwen3-4b", "context_length":8192}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadRequest {
     pub model: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context_length: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eval_batch_size: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flash_attention: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub num_experts: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offload_kv_cache_to_gpu: Option<bool>,
+    #[serde(flatten)]
+    pub settings: LoadSettings,
     /// Idle TTL of the instance: `"15m"`, `"0"` or `"never"`; default from the config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Ttl>,
     /// Pin the model as well (see `pin`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pin: bool,
+}
+
+/// LM Studio's load settings, passed on as given: a load request's, and a model's in the
+/// config (`[models."KEY"]`). On the wire they sit beside the request's other fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+// Denying here is what refuses an unknown field of a request that flattens this struct.
+#[serde(deny_unknown_fields, default)]
+pub struct LoadSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_batch_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flash_attention: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_experts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offload_kv_cache_to_gpu: Option<bool>,
+}
+
+impl LoadSettings {
+    /// Sets nothing: the engine's defaults apply.
+    pub fn is_empty(&self) -> bool {
+        *self == LoadSettings::default()
+    }
+
+    /// Each setting from `self`, or from `fallback` where `self` leaves it unset.
+    pub fn or(self, fallback: LoadSettings) -> LoadSettings {
+        LoadSettings {
+            context_length: self.context_length.or(fallback.context_length),
+            eval_batch_size: self.eval_batch_size.or(fallback.eval_batch_size),
+            flash_attention: self.flash_attention.or(fallback.flash_attention),
+            num_experts: self.num_experts.or(fallback.num_experts),
+            offload_kv_cache_to_gpu: self
+                .offload_kv_cache_to_gpu
+                .or(fallback.offload_kv_cache_to_gpu),
+        }
+    }
 }
 
 /// `{"type":"unload", "model":"qwen/qwen3-4b"}` unloads every instance of the key;

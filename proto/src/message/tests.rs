@@ -53,13 +53,37 @@ fn documented_request_examples_parse() {
 }
 
 #[test]
+fn a_load_takes_its_settings_beside_the_model_and_refuses_a_misspelt_one() {
+    let load = parse(
+        r#"{"v":1,"id":"l1","type":"load","model":"m","context_length":8192,"flash_attention":true,"ttl":"15m"}"#,
+    )
+    .unwrap();
+    let Request::Load(load) = load.request else {
+        panic!("not a load")
+    };
+    assert_eq!(load.settings.context_length, Some(8192));
+    assert_eq!(load.settings.flash_attention, Some(true));
+    assert!(load.ttl.is_some());
+    let rejected =
+        parse(r#"{"v":1,"id":"l2","type":"load","model":"m","context_lenght":8192}"#).unwrap_err();
+    assert!(
+        rejected.error.message.contains("context_lenght"),
+        "{}",
+        rejected.error.message
+    );
+}
+
+#[test]
 fn envelope_serializes_to_a_parseable_line() {
     let envelope = Envelope {
         v: PROTOCOL_VERSION,
         id: "x".into(),
         request: Request::Load(LoadRequest {
             model: "m".into(),
-            context_length: Some(4096),
+            settings: LoadSettings {
+                context_length: Some(4096),
+                ..LoadSettings::default()
+            },
             ..Default::default()
         }),
     };

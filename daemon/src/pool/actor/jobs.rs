@@ -30,32 +30,18 @@ impl Actor {
     pub(super) fn start_load(
         &mut self,
         model: &Model,
-        request: Option<&LoadRequest>,
+        settings: LoadSettings,
         ttl_override: Option<Ttl>,
     ) {
         let configured = self
             .settings
             .models
             .get(&model.key)
-            .cloned()
+            .map(crate::config::ModelConfig::load_settings)
             .unwrap_or_default();
         let body = LoadBody {
             model: model.key.clone(),
-            context_length: request
-                .and_then(|r| r.context_length)
-                .or(configured.context_length),
-            eval_batch_size: request
-                .and_then(|r| r.eval_batch_size)
-                .or(configured.eval_batch_size),
-            flash_attention: request
-                .and_then(|r| r.flash_attention)
-                .or(configured.flash_attention),
-            num_experts: request
-                .and_then(|r| r.num_experts)
-                .or(configured.num_experts),
-            offload_kv_cache_to_gpu: request
-                .and_then(|r| r.offload_kv_cache_to_gpu)
-                .or(configured.offload_kv_cache_to_gpu),
+            settings: settings.or(configured),
             echo_load_config: true,
         };
         tracing::info!(model = %model.key, size_bytes = model.size_bytes, "loading");
@@ -81,7 +67,7 @@ impl Actor {
             model.key.clone(),
             PendingLoad {
                 size_bytes: model.size_bytes,
-                context_length: body.context_length,
+                context_length: body.settings.context_length,
                 ttl_override,
                 started: Instant::now(),
                 orphaned: None,

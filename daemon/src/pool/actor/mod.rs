@@ -20,8 +20,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use lmsd_proto::{
-    Event, Eviction, InstanceState, InstanceStatus, LoadOutcome, LoadRequest, LoadedBy,
-    MemoryStatus, PinOutcome, Priority, Ttl, UnloadOutcome, UnloadRequest,
+    Event, Eviction, InstanceState, InstanceStatus, LoadOutcome, LoadRequest, LoadSettings,
+    LoadedBy, MemoryStatus, PinOutcome, Priority, Ttl, UnloadOutcome, UnloadRequest,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;

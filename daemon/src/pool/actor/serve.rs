@@ -218,7 +218,7 @@ impl Actor {
                 count < self.settings.max_instances && !self.loads.contains_key(&model.key);
             if more_allowed && self.fit(&model, now, false) == Fit::Fits {
                 tracing::info!(model = %model.key, instances = count + 1, "all slots busy: loading another instance");
-                self.start_load(&model, None, None);
+                self.start_load(&model, LoadSettings::default(), None);
             }
             return None;
         }
@@ -229,12 +229,12 @@ impl Actor {
             .or_else(|| {
                 self.context_to_load(&model, need, self.context_reloads.contains(&model.key))
             })
-            .map(|context_length| LoadRequest {
-                model: model.key.clone(),
+            .map(|context_length| LoadSettings {
                 context_length: Some(context_length),
-                ..LoadRequest::default()
-            });
-        self.ensure_loading(index, &model, settings.as_ref(), ttl, now)
+                ..LoadSettings::default()
+            })
+            .unwrap_or_default();
+        self.ensure_loading(index, &model, settings, ttl, now)
     }
 
     /// The context to load `model` with for a task that needs `need` tokens: when the engine's
@@ -315,7 +315,7 @@ impl Actor {
         {
             return Some(Ok(()));
         }
-        self.ensure_loading(index, &model, Some(&request), request.ttl, now)
+        self.ensure_loading(index, &model, request.settings, request.ttl, now)
     }
 
     /// Starts what a waiter for `model` needs — a load, or evictions to make room — and says
@@ -324,7 +324,7 @@ impl Actor {
         &mut self,
         index: usize,
         model: &Model,
-        request: Option<&LoadRequest>,
+        settings: LoadSettings,
         ttl: Option<Ttl>,
         now: Instant,
     ) -> Option<Result<(), PoolError>> {
@@ -360,7 +360,7 @@ impl Actor {
         let holds_yield = starving || waited >= patience;
         match self.fit(model, now, holds_yield) {
             Fit::Fits => {
-                self.start_load(model, request, ttl);
+                self.start_load(model, settings, ttl);
                 None
             }
             Fit::WaitForBusy { busy } if starving => {

@@ -220,7 +220,7 @@ impl Actor {
             match self.fit(&model, now, false) {
                 Fit::Fits => {
                     self.pins_blocked.remove(&key);
-                    self.start_load(&model, None, None);
+                    self.start_load(&model, LoadSettings::default(), None);
                 }
                 Fit::Evict(victims) => {
                     for id in victims {
