@@ -364,7 +364,7 @@ async fn chat_completions(State(front): State<Front>, headers: HeaderMap, body: 
         id: "http".into(),
         replies,
     };
-    match tasks::chat(&front.ctx, request, &sink, CancellationToken::new()).await {
+    match tasks::chat(&front.ctx, &request, &sink, CancellationToken::new()).await {
         Ok(outcome) => Json(json!({
             "id": format!("chatcmpl-{}", outcome.task.task_id),
             "object": "chat.completion",
@@ -405,7 +405,7 @@ fn stream_chat(ctx: Context, request: ChatRequest, include_usage: bool) -> Respo
                 Value::Null,
             )))
             .await;
-        let chat = tasks::chat(&ctx, request, &sink, cancel.clone());
+        let chat = tasks::chat(&ctx, &request, &sink, cancel.clone());
         tokio::pin!(chat);
         let forward = |reply: lmsd_proto::Reply| match reply.body {
             ReplyBody::Event(Event::Delta { content }) => {
@@ -524,7 +524,7 @@ async fn embeddings(State(front): State<Front>, headers: HeaderMap, body: Bytes)
         input,
         options: TaskOptions::default(),
     };
-    match tasks::embed(&front.ctx, request, &sink, CancellationToken::new()).await {
+    match tasks::embed(&front.ctx, &request, &sink, CancellationToken::new()).await {
         Ok(outcome) => {
             let data: Vec<Value> = outcome
                 .embeddings

@@ -69,6 +69,9 @@ pub(crate) async fn guard(
     let (token, fault) = {
         let mut state = shared.lock();
         let token = state.config.auth_token.clone();
+        if route == Route::Load {
+            state.stats.load_requests += 1;
+        }
         if route == Route::Chat {
             state.stats.chat_requests += 1;
         }

@@ -64,6 +64,8 @@ pub(crate) struct StoredResponse {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SimStats {
     pub loads: u64,
+    /// Load requests received, counted before any injected fault.
+    pub load_requests: u64,
     pub jit_loads: u64,
     pub unloads: u64,
     /// Chats that got as far as generating (one that crashes or is cut off later still counts).

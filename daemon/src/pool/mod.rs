@@ -216,7 +216,14 @@ pub struct AcquireRequest {
     /// Context the task needs of its instance: smaller instances are not used for it.
     pub min_context: Option<u32>,
     /// Where to report the queue position and loads while it waits.
-    pub progress: Option<mpsc::Sender<PoolProgress>>,
+    pub progress: Option<Box<dyn Progress>>,
+}
+
+/// Where a waiting request hears of its place in the queue and of loads for it. The pool's
+/// loop calls it: it returns at once, dropping what it cannot pass on (progress is advice).
+/// A callback, not a channel per task: ten thousand queued tasks would hold ten thousand.
+pub trait Progress: Send + Sync + std::fmt::Debug {
+    fn tell(&self, progress: PoolProgress);
 }
 
 /// What a waiting request hears.

@@ -25,7 +25,7 @@ fn hung_up(stream: &UnixStream) -> bool {
 
 pub(super) async fn serve_connection(
     stream: UnixStream,
-    ctx: Context,
+    ctx: Arc<Context>,
     shutdown: CancellationToken,
     gone: CancellationToken,
     limits: Limits,
@@ -131,16 +131,11 @@ pub(super) async fn serve_connection(
                 }
             }
             Ok(envelope) => {
-                let ctx = ctx.clone();
                 let sink = EventSink {
                     id: envelope.id.clone(),
                     replies: replies.clone(),
                 };
-                let cancel = gone.child_token();
-                requests.spawn(async move {
-                    let reply = dispatch(&ctx, envelope, &sink, cancel).await;
-                    let _ = sink.replies.send(reply).await;
-                });
+                requests.spawn(dispatch(ctx.clone(), envelope, sink, gone.child_token()));
             }
         }
     }

@@ -1,22 +1,49 @@
 //! One request to its terminal reply: each request type to its handler in `tasks`.
 
+use std::future::Future;
+use std::sync::Arc;
+
 use super::*;
 
-/// Runs one request to its terminal reply.
-pub(super) async fn dispatch(
-    ctx: &Context,
+/// Runs one request to its terminal reply and sends it to the client.
+///
+/// Not an `async fn`, and the chat and embed requests are lent to their handlers: an async
+/// fn holds its arguments twice (as given, and moved into its body), and a queued task's
+/// future is most of what it costs while it waits.
+pub(super) fn dispatch(
+    ctx: Arc<Context>,
     envelope: Envelope,
+    sink: EventSink,
+    cancel: CancellationToken,
+) -> impl Future<Output = ()> {
+    let Envelope { id, request, .. } = envelope;
+    async move {
+        let reply = answer(&ctx, id, &request, &sink, cancel).await;
+        let _ = sink.replies.send(reply).await;
+    }
+}
+
+/// The terminal reply to one request.
+async fn answer(
+    ctx: &Context,
+    id: String,
+    request: &Request,
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Reply {
-    let Envelope { id, request, .. } = envelope;
     let outcome = match request {
         Request::Status => tasks::status(ctx).await.map(Outcome::Status),
         Request::Models => tasks::models(ctx).await.map(Outcome::Models),
-        Request::Load(load) => tasks::load(ctx, load).await.map(Outcome::Load),
-        Request::Unload(unload) => tasks::unload(ctx, unload).await.map(Outcome::Unload),
-        Request::Pin(pin) => tasks::pin(ctx, pin.model, true).await.map(Outcome::Pin),
-        Request::Unpin(pin) => tasks::pin(ctx, pin.model, false).await.map(Outcome::Pin),
+        Request::Load(load) => tasks::load(ctx, load.clone()).await.map(Outcome::Load),
+        Request::Unload(unload) => tasks::unload(ctx, unload.clone())
+            .await
+            .map(Outcome::Unload),
+        Request::Pin(pin) => tasks::pin(ctx, pin.model.clone(), true)
+            .await
+            .map(Outcome::Pin),
+        Request::Unpin(pin) => tasks::pin(ctx, pin.model.clone(), false)
+            .await
+            .map(Outcome::Pin),
         Request::Chat(chat) => tasks::chat(ctx, chat, sink, cancel)
             .await
             .map(Outcome::Chat),
@@ -24,9 +51,12 @@ pub(super) async fn dispatch(
             .await
             .map(Outcome::Embed),
         Request::Tasks => Ok(Outcome::Tasks(tasks::tasks(ctx))),
-        Request::Cancel(request) => Ok(Outcome::Cancel(tasks::cancel(ctx, request.task_id))),
-        Request::Sessions(request) => Ok(Outcome::Sessions(tasks::sessions(ctx, request.forget))),
-        Request::Savings(request) => Ok(Outcome::Savings(tasks::savings(ctx, request))),
+        Request::Cancel(cancel) => Ok(Outcome::Cancel(tasks::cancel(ctx, cancel.task_id.clone()))),
+        Request::Sessions(sessions) => Ok(Outcome::Sessions(tasks::sessions(
+            ctx,
+            sessions.forget.clone(),
+        ))),
+        Request::Savings(savings) => Ok(Outcome::Savings(tasks::savings(ctx, savings.clone()))),
         Request::Metrics => tasks::metrics(ctx).await.map(Outcome::Metrics),
         Request::Events => Err(tasks::events(ctx, sink, cancel).await),
         Request::Reload => {

@@ -157,6 +157,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
+    // One context for all: a request's task holds a pointer to it, not a copy.
+    let ctx = Arc::new(ctx);
     // Cancelled when the shutdown grace runs out: the tasks still running are answered.
     let abort = CancellationToken::new();
     let slots = Arc::new(Semaphore::new(options.max_connections));

@@ -46,6 +46,11 @@ impl EventSink {
             .send(Reply::event(self.id.clone(), event))
             .await;
     }
+
+    /// Sends `event` if the client's queue has room, without waiting; drops it otherwise.
+    pub fn offer(&self, event: Event) {
+        let _ = self.replies.try_send(Reply::event(self.id.clone(), event));
+    }
 }
 
 /// What every request handler needs.
@@ -168,7 +173,7 @@ pub fn sessions(ctx: &Context, forget: Option<String>) -> SessionList {
 /// Runs one chat task (deltas go out as events with `stream`) and enters it in the ledger.
 pub async fn chat(
     ctx: &Context,
-    request: ChatRequest,
+    request: &ChatRequest,
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<ChatOutcome, TaskError> {
@@ -200,7 +205,7 @@ pub async fn chat(
 /// Runs one embedding task and enters it in the ledger.
 pub async fn embed(
     ctx: &Context,
-    request: EmbedRequest,
+    request: &EmbedRequest,
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<EmbedOutcome, TaskError> {
@@ -324,16 +329,16 @@ pub fn savings(ctx: &Context, request: lmsd_proto::SavingsRequest) -> lmsd_proto
 
 async fn run_chat(
     ctx: &Context,
-    request: ChatRequest,
+    request: &ChatRequest,
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<ChatOutcome, TaskError> {
-    let work = Work::Chat(&request);
+    let work = Work::Chat(request);
     let (done, answered, report) = run_task(
         ctx,
         TaskKind::Chat,
         &request.model,
-        request.options.clone(),
+        &request.options,
         work,
         sink,
         cancel,
@@ -375,16 +380,16 @@ async fn run_chat(
 
 async fn run_embed(
     ctx: &Context,
-    request: EmbedRequest,
+    request: &EmbedRequest,
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<EmbedOutcome, TaskError> {
-    let work = Work::Embed(&request);
+    let work = Work::Embed(request);
     let (done, answered, report) = run_task(
         ctx,
         TaskKind::Embed,
         &request.model,
-        request.options.clone(),
+        &request.options,
         work,
         sink,
         cancel,

@@ -3,10 +3,11 @@
 //! transient errors, a reload when an instance vanished or answered nothing, the next candidate
 //! when a model is missing or does not fit. What a task does once it holds a slot is in `work`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use lmsd_proto::{Event, TaskKind, TaskOptions, TaskReport, Ttl, UnloadRequest};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::choice::{self, Candidate, PoolView};
@@ -15,7 +16,7 @@ use super::sessions::SystemPrompt;
 use super::work::context_needed;
 use super::{millis, Context, EventSink, TaskError};
 use crate::backend::{BackendError, ChatReply, TextSource};
-use crate::pool::{AcquireRequest, Lease, PoolError, PoolProgress};
+use crate::pool::{AcquireRequest, Lease, PoolError, PoolProgress, Progress};
 use lmsd_proto::{ChatRequest, EmbedRequest};
 
 /// A task in flight: its registration, deadline, options and the running account of its time.
@@ -62,7 +63,7 @@ impl<'a> Task<'a> {
         ctx: &'a Context,
         kind: TaskKind,
         model: &str,
-        options: TaskOptions,
+        options: &TaskOptions,
         sink: &'a EventSink,
         cancel: CancellationToken,
     ) -> Self {
@@ -80,7 +81,7 @@ impl<'a> Task<'a> {
             kind,
             model: model.to_owned(),
         });
-        let mut options = options;
+        let mut options = options.clone();
         options.prefer.extend(config.routing.prefer.iter().cloned());
         Task {
             ctx,
@@ -180,7 +181,10 @@ impl<'a> Task<'a> {
         context_length: Option<u32>,
         min_context: Option<u32>,
     ) -> Result<Lease, TaskError> {
-        let (progress, mut heard) = mpsc::channel(16);
+        let progress = TaskProgress {
+            task_id: self.handle.id.clone(),
+            sink: self.sink.clone(),
+        };
         let request = AcquireRequest {
             model: model.to_owned(),
             ttl,
@@ -188,24 +192,10 @@ impl<'a> Task<'a> {
             deadline: self.deadline.into(),
             context_length,
             min_context,
-            progress: Some(progress),
+            progress: Some(Box::new(progress)),
         };
         let started = Instant::now();
-        let acquire = self.ctx.pool.acquire(request);
-        tokio::pin!(acquire);
-        let lease = loop {
-            tokio::select! {
-                lease = &mut acquire => break lease?,
-                Some(event) = heard.recv() => match event {
-                    PoolProgress::Queued { position } => {
-                        self.sink.send(Event::Queued { task_id: self.handle.id.clone(), position }).await;
-                    }
-                    PoolProgress::Loading { model } => {
-                        self.sink.send(Event::Load { model_instance_id: model, progress: 0.0 }).await;
-                    }
-                },
-            }
-        };
+        let lease = self.ctx.pool.acquire(request).await?;
         let waited = started.elapsed();
         let load = lease.load_time.unwrap_or_default().min(waited);
         self.report.load_ms += millis(load);
@@ -286,6 +276,8 @@ impl<'a> Task<'a> {
             Work::Embed(_) => (None, None, None),
         };
         let mut transient_tries = 0;
+        let mut unreachable_since = None;
+        let outage_wait = self.ctx.config.borrow().tasks.outage_wait;
         let mut reloaded = false;
         let mut reread = false;
         loop {
@@ -301,7 +293,7 @@ impl<'a> Task<'a> {
                     // once before giving up on the name.
                     Err(TaskError::Pool(PoolError::NotFound { .. })) if !reread => {
                         reread = true;
-                        let _ = self.ctx.pool.models().await;
+                        let _ = Box::pin(self.ctx.pool.models()).await;
                         continue;
                     }
                     Err(error) => return Err(error),
@@ -322,6 +314,9 @@ impl<'a> Task<'a> {
                 }
                 Err(error) => error,
             };
+            if let TaskError::Backend(BackendError::Unreachable { .. }) = &error {
+                unreachable_since.get_or_insert_with(Instant::now);
+            }
             match &error {
                 // The instance vanished under the task (outside unload, a crash, LM Studio
                 // restart; or another model answered in its place), or answered nothing: reload
@@ -339,13 +334,19 @@ impl<'a> Task<'a> {
                             instance_id: Some(instance),
                             ..UnloadRequest::default()
                         };
-                        let _ = self.ctx.pool.unload(unload).await;
+                        let _ = Box::pin(self.ctx.pool.unload(unload)).await;
                     } else {
-                        let _ = self.ctx.pool.models().await;
+                        let _ = Box::pin(self.ctx.pool.models()).await;
                     }
                 }
+                // Transient faults get `retries` tries; an engine that cannot be reached may be
+                // restarting, and is waited out up to `outage_wait` from its first refusal, as
+                // the pool does for a waiting task.
                 TaskError::Backend(backend)
-                    if backend.is_transient() && transient_tries + 1 < self.retries =>
+                    if backend.is_transient()
+                        && (transient_tries + 1 < self.retries
+                            || unreachable_since
+                                .is_some_and(|since: Instant| since.elapsed() < outage_wait)) =>
                 {
                     transient_tries += 1;
                     self.ctx.pool.refresh_soon();
@@ -367,6 +368,28 @@ impl<'a> Task<'a> {
     }
 }
 
+/// A waiting task's queue positions and loads, told to its client as events.
+#[derive(Debug)]
+struct TaskProgress {
+    task_id: String,
+    sink: EventSink,
+}
+
+impl Progress for TaskProgress {
+    fn tell(&self, progress: PoolProgress) {
+        self.sink.offer(match progress {
+            PoolProgress::Queued { position } => Event::Queued {
+                task_id: self.task_id.clone(),
+                position,
+            },
+            PoolProgress::Loading { model } => Event::Load {
+                model_instance_id: model,
+                progress: 0.0,
+            },
+        });
+    }
+}
+
 /// The instance a task's answer came from (its lease is already returned).
 pub(super) struct Answered {
     pub(super) instance: String,
@@ -380,13 +403,15 @@ fn backoff(try_number: u32) -> Duration {
     Duration::from_millis(base / 2 + fastrand::u64(..=base / 2))
 }
 
-/// Runs `work` until it ends, the task is cancelled, or its deadline passes.
+/// Runs `work` until it ends, the task is cancelled, or its deadline passes. `work` comes
+/// pinned by its owner: a future taken by value would be held twice in this one's state, once
+/// as the argument and once moved into the `select!`.
 async fn bounded<T>(
     stopping: &CancellationToken,
     cancel: &CancellationToken,
     deadline: Instant,
     submitted: Instant,
-    work: impl std::future::Future<Output = Result<T, TaskError>>,
+    work: Pin<&mut impl Future<Output = Result<T, TaskError>>>,
 ) -> Result<T, TaskError> {
     tokio::select! {
         biased;
@@ -406,7 +431,7 @@ pub(super) async fn run_task(
     ctx: &Context,
     kind: TaskKind,
     model: &str,
-    options: TaskOptions,
+    options: &TaskOptions,
     work: Work<'_>,
     sink: &EventSink,
     cancel: CancellationToken,
@@ -414,12 +439,13 @@ pub(super) async fn run_task(
     let mut task = Task::start(ctx, kind, model, options, sink, cancel.clone());
     let (deadline, submitted) = (task.deadline, task.submitted);
     let embedding = kind == TaskKind::Embed;
-    let run = async {
+    // Boxed: a waiting task's future stays small, the room for running it is taken when it runs.
+    let mut run = Box::pin(async {
         let candidates = task.candidates(model, embedding).await?;
         task.run(&candidates, &work).await
-    };
-    // Boxed: otherwise the task's future holds both `run` and the `bounded` that moves it.
-    let result = Box::pin(bounded(&ctx.stopping, &cancel, deadline, submitted, run)).await;
+    });
+    let result = bounded(&ctx.stopping, &cancel, deadline, submitted, run.as_mut()).await;
+    drop(run);
     ctx.observers.emit(Event::TaskFinished {
         task_id: task.handle.id.clone(),
         outcome: result

@@ -58,7 +58,7 @@ impl Actor {
         {
             waiter.heard_load = true;
             if let Some(progress) = &waiter.progress {
-                let _ = progress.try_send(PoolProgress::Loading {
+                progress.tell(PoolProgress::Loading {
                     model: model.key.clone(),
                 });
             }

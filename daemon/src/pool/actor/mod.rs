@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::Engine;
 use super::policy::{self, Fit, Resident};
-use super::{Command, Lease, PoolError, PoolProgress, PoolSettings, PoolStatus, Reply};
+use super::{Command, Lease, PoolError, PoolProgress, PoolSettings, PoolStatus, Progress, Reply};
 use crate::backend::{BackendError, LoadBody, LoadReply, Model};
 
 /// Rounds of unload-then-verify before lmsd gives up on an instance that will not go.
@@ -124,7 +124,7 @@ struct Waiter {
     context_length: Option<u32>,
     /// Context the task needs of its instance.
     min_context: Option<u32>,
-    progress: Option<mpsc::Sender<PoolProgress>>,
+    progress: Option<Box<dyn Progress>>,
     /// Last queue position reported (0: none yet).
     position: u32,
     /// It was told a load of its model started.

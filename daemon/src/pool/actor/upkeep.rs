@@ -183,8 +183,7 @@ impl Actor {
             if first || halved || near_head || moved_back {
                 waiter.position = position;
                 if let Some(progress) = &waiter.progress {
-                    // Progress is advice: a full channel skips an update, never blocks the pool.
-                    let _ = progress.try_send(PoolProgress::Queued { position });
+                    progress.tell(PoolProgress::Queued { position });
                 }
             }
         }
