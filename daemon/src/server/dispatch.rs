@@ -60,7 +60,8 @@ async fn answer(
         Request::Metrics => tasks::metrics(ctx).await.map(Outcome::Metrics),
         Request::Events => Err(tasks::events(ctx, sink, cancel).await),
         Request::Reload => {
-            return match ctx.reloader.reload().await {
+            // Boxed: rare, and its future is the largest; every queued task would hold its room.
+            return match Box::pin(ctx.reloader.reload()).await {
                 Ok(outcome) => Reply::result(id, Outcome::Reload(outcome)),
                 Err(message) => Reply::error(Some(id), WireError::bad_request(message)),
             }
