@@ -6,14 +6,14 @@
 
 pub mod backend;
 pub mod config;
-pub mod http;
-pub mod ledger;
+mod http;
+mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
-pub mod server;
+mod server;
 pub mod service;
-pub mod tasks;
+mod tasks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -64,7 +64,7 @@ async fn answer(
             return match Box::pin(ctx.reloader.reload()).await {
                 Ok(outcome) => Reply::result(id, Outcome::Reload(outcome)),
                 Err(message) => Reply::error(Some(id), WireError::bad_request(message)),
-            }
+            };
         }
     };
     match outcome {

@@ -32,7 +32,6 @@ pub struct Registry {
 pub struct TaskHandle {
     registry: Arc<Registry>,
     pub id: String,
-    pub cancel: CancellationToken,
 }
 
 impl Registry {
@@ -60,13 +59,12 @@ impl Registry {
                 instance_id: None,
                 submitted: Instant::now(),
                 deadline,
-                cancel: cancel.clone(),
+                cancel,
             },
         );
         TaskHandle {
             registry: self.clone(),
             id,
-            cancel,
         }
     }
 
@@ -130,12 +128,13 @@ mod tests {
     fn tasks_are_listed_cancelled_and_removed_when_done() {
         let registry = Arc::new(Registry::default());
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let cancel = CancellationToken::new();
         let first = registry.register(
             TaskKind::Chat,
             "m",
             Priority::Batch,
             deadline,
-            CancellationToken::new(),
+            cancel.clone(),
         );
         let second = registry.register(
             TaskKind::Embed,
@@ -151,7 +150,7 @@ mod tests {
         let running = listed.iter().find(|t| t.task_id == second.id).unwrap();
         assert_eq!(running.state, TaskState::Running);
         assert!(registry.cancel(&first.id));
-        assert!(first.cancel.is_cancelled());
+        assert!(cancel.is_cancelled());
         drop(first);
         assert!(!registry.cancel("t1"));
         assert_eq!(registry.list().len(), 1);
