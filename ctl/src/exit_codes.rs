@@ -3,7 +3,7 @@
 use lmsd_proto::{ClientError, ErrorCode};
 
 /// Exit code, what it means, and the wire error codes that lead to it.
-const TABLE: [(u8, &str, &[ErrorCode]); 17] = [
+const TABLE: [(u8, &str, &[ErrorCode]); 18] = [
     (0, "success", &[]),
     (
         1,
@@ -68,6 +68,11 @@ const TABLE: [(u8, &str, &[ErrorCode]); 17] = [
         16,
         "the input does not fit the model's context",
         &[ErrorCode::ContextExceeded],
+    ),
+    (
+        17,
+        "no answer kept the task's contract (schema, choices or JSON object)",
+        &[ErrorCode::OutputInvalid],
     ),
 ];
 

@@ -93,7 +93,7 @@ enum Command {
         key: String,
     },
     /// Run one chat task and print the answer.
-    Chat(ChatArgs),
+    Chat(Box<ChatArgs>),
     /// Embed texts and print one JSON array of numbers per line.
     Embed {
         /// An embedding model's key, or `auto`.
@@ -208,6 +208,18 @@ struct ChatArgs {
     context_length: Option<u32>,
     #[command(flatten)]
     queue: QueueArgs,
+    /// Contract: the answer must be one JSON value valid against this JSON Schema: a file, `-`
+    /// for standard input, or the schema itself ('{"type":"object", …}'). The engine is
+    /// constrained to it and lmsd checks the answer; the JSON alone is printed.
+    #[arg(long, value_name = "FILE|-|JSON", conflicts_with_all = ["choices", "json_object", "stream"])]
+    schema: Option<String>,
+    /// Contract: the answer must be exactly one of these labels (comma-separated); the label
+    /// alone is printed.
+    #[arg(long, value_name = "LABEL,...", value_delimiter = ',', conflicts_with_all = ["json_object", "stream"])]
+    choices: Vec<String>,
+    /// Contract: the answer must be a JSON object; the JSON alone is printed.
+    #[arg(long, conflicts_with = "stream")]
+    json_object: bool,
     /// Print the answer as it is generated.
     #[arg(long)]
     stream: bool,
@@ -229,7 +241,35 @@ fn read_stdin() -> Result<String, ExitCode> {
 }
 
 impl ChatArgs {
-    fn into_request(self, input: String) -> ChatRequest {
+    /// The schema `--schema` names: inline JSON, a file, or standard input.
+    fn schema(&self) -> Result<Option<serde_json::Value>, ExitCode> {
+        let Some(given) = &self.schema else {
+            return Ok(None);
+        };
+        let (text, from) = if given.trim_start().starts_with('{') {
+            (given.clone(), "the --schema argument".to_owned())
+        } else if given == "-" {
+            if self.task == "-" {
+                eprintln!("lmsd-ctl: the task and --schema cannot both come from standard input");
+                return Err(ExitCode::from(2));
+            }
+            (read_stdin()?, "standard input".to_owned())
+        } else {
+            match std::fs::read_to_string(given) {
+                Ok(text) => (text, given.clone()),
+                Err(error) => {
+                    eprintln!("lmsd-ctl: cannot read the schema file {given}: {error}");
+                    return Err(ExitCode::from(2));
+                }
+            }
+        };
+        serde_json::from_str(&text).map(Some).map_err(|error| {
+            eprintln!("lmsd-ctl: the schema in {from} is not JSON: {error}");
+            ExitCode::from(2)
+        })
+    }
+
+    fn into_request(self, input: String, schema: Option<serde_json::Value>) -> ChatRequest {
         let session = self.session.or(self.stateful.then(|| "default".to_owned()));
         ChatRequest {
             model: self.model,
@@ -245,6 +285,9 @@ impl ChatArgs {
             keep: self.keep,
             context_length: self.context_length,
             store: self.store,
+            schema,
+            choices: self.choices,
+            json_object: self.json_object,
             options: TaskOptions {
                 priority: self.queue.priority,
                 timeout: self.queue.timeout,
@@ -371,7 +414,11 @@ async fn main() -> ExitCode {
                 path,
                 content: args.log_content.then(|| input.clone()),
             });
-            Request::Chat(args.into_request(input))
+            let schema = match args.schema() {
+                Ok(schema) => schema,
+                Err(code) => return code,
+            };
+            Request::Chat(args.into_request(input, schema))
         }
     };
     let streaming = matches!(&request, Request::Chat(chat) if chat.stream);

@@ -1,8 +1,8 @@
 //! Renders results for people (tables, plain text) or for scripts (`--json`: the reply object).
 
 use lmsd_proto::{
-    ChatOutcome, ContentSource, Event, InstanceState, LoadedBy, ModelList, Outcome, SessionList,
-    StatusReport, TaskList, TaskState,
+    ChatOutcome, ContentSource, ContractKind, Event, InstanceState, LoadedBy, ModelList, Outcome,
+    SessionList, StatusReport, TaskList, TaskState,
 };
 
 pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
@@ -459,11 +459,18 @@ fn print_sessions(list: &SessionList) {
 }
 
 fn print_chat(chat: &ChatOutcome, streamed: bool) {
-    if streamed && chat.content_source == ContentSource::Message {
-        // The text was printed as it came; end its line.
-        println!();
-    } else {
-        println!("{}", chat.content);
+    let kind = chat.contract.map(|c| c.kind);
+    match &chat.json {
+        // A contract's answer alone: the label as it is, JSON on one line (no fence, no prose).
+        Some(serde_json::Value::String(label)) if kind == Some(ContractKind::Choices) => {
+            println!("{label}")
+        }
+        Some(value) => println!("{value}"),
+        None if streamed && chat.content_source == ContentSource::Message => {
+            // The text was printed as it came; end its line.
+            println!();
+        }
+        None => println!("{}", chat.content),
     }
     // Only kept replies have one (--store, a session, a continuation): say it beside the
     // answer, not in it.

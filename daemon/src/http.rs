@@ -70,7 +70,9 @@ fn error_about(wire: WireError, param: Option<&str>) -> Response {
         ErrorCode::ModelNotFound => StatusCode::NOT_FOUND,
         ErrorCode::PermissionDenied => StatusCode::UNAUTHORIZED,
         ErrorCode::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::BackendUnreachable | ErrorCode::BackendError => StatusCode::BAD_GATEWAY,
+        ErrorCode::BackendUnreachable | ErrorCode::BackendError | ErrorCode::OutputInvalid => {
+            StatusCode::BAD_GATEWAY
+        }
         ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::OutOfMemory | ErrorCode::BudgetExceeded | ErrorCode::ShuttingDown => {
             StatusCode::SERVICE_UNAVAILABLE

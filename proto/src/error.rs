@@ -38,6 +38,9 @@ pub enum ErrorCode {
     SessionLost,
     /// The input does not fit the model's context; the message names both sizes.
     ContextExceeded,
+    /// No answer kept the task's contract (its schema, choices or JSON object), after a retry
+    /// and on every candidate; `invalid_output` carries the problems and the last answer.
+    OutputInvalid,
     /// A code this client does not know yet (sent by a newer daemon).
     #[serde(other)]
     Unknown,
@@ -45,7 +48,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this version of lmsd sends (all but `Unknown`).
-    pub const KNOWN: [ErrorCode; 15] = [
+    pub const KNOWN: [ErrorCode; 16] = [
         ErrorCode::BadRequest,
         ErrorCode::UnsupportedVersion,
         ErrorCode::BackendUnreachable,
@@ -61,6 +64,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::SessionLost,
         ErrorCode::ContextExceeded,
+        ErrorCode::OutputInvalid,
     ];
 
     /// The snake_case name used on the wire.
@@ -81,6 +85,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::SessionLost => "session_lost",
             ErrorCode::ContextExceeded => "context_exceeded",
+            ErrorCode::OutputInvalid => "output_invalid",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -98,6 +103,20 @@ impl std::fmt::Display for ErrorCode {
 pub struct WireError {
     pub code: ErrorCode,
     pub message: String,
+    /// With `output_invalid`: what was wrong with the answer, and the answer itself (sent to
+    /// the client only; lmsd logs neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid_output: Option<Box<InvalidOutput>>,
+}
+
+/// Why an answer broke its contract, and the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidOutput {
+    /// Each problem found: "not JSON: …", "\"x\" is not one of the choices", a schema
+    /// violation with the path it is at.
+    pub errors: Vec<String>,
+    /// The last answer, as the model gave it.
+    pub output: String,
 }
 
 impl WireError {
@@ -105,6 +124,7 @@ impl WireError {
         WireError {
             code,
             message: message.into(),
+            invalid_output: None,
         }
     }
 

@@ -13,7 +13,7 @@ pub mod task;
 pub mod ttl;
 
 pub use client::{Client, ClientError};
-pub use error::{ErrorCode, WireError};
+pub use error::{ErrorCode, InvalidOutput, WireError};
 pub use message::*;
 pub use task::*;
 

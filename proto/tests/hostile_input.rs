@@ -3,8 +3,8 @@
 
 use lmsd_proto::codec::{encode_line, Frame, LineReader};
 use lmsd_proto::{
-    parse_request, CancelOutcome, ChatOutcome, ContentSource, ErrorCode, Event, Outcome, Reply,
-    TaskReport, Usage, WireError,
+    parse_request, CancelOutcome, ChatOutcome, ContentSource, ContractKind, ContractReport,
+    ErrorCode, Event, Outcome, Reply, TaskReport, Usage, WireError,
 };
 use proptest::prelude::*;
 
@@ -61,6 +61,7 @@ fn reply() -> impl Strategy<Value = Reply> {
     )
         .prop_map(|(content, instance, response_id, tokens, ms, task_id)| {
             Outcome::Chat(ChatOutcome {
+                json: Some(serde_json::json!({ "label": content.clone() })),
                 content,
                 content_source: ContentSource::Message,
                 model_instance_id: instance,
@@ -71,6 +72,11 @@ fn reply() -> impl Strategy<Value = Reply> {
                     reasoning_output_tokens: 0,
                     model_load_time_seconds: Some(1.5),
                 },
+                contract: Some(ContractReport {
+                    kind: ContractKind::Schema,
+                    passed: true,
+                    attempts: 2,
+                }),
                 task: TaskReport {
                     task_id,
                     total_ms: ms,

@@ -122,6 +122,7 @@ mod tests {
             previous_response_id: None,
             stream: false,
             store: true,
+            schema: None,
         }
     }
 

@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::completions::{response_format, Chunk, Completion, Usage};
 use super::conversations::{messages, Conversations, Turn};
 use super::{
     decode_reply, BackendError, ChatBody, ChatReply, ChatStats, Http, InstanceConfig, Limit,
@@ -231,6 +232,9 @@ impl LlamaServer {
         if let Some(max_tokens) = body.max_output_tokens {
             request["max_tokens"] = json!(max_tokens);
         }
+        if let Some(schema) = &body.schema {
+            request["response_format"] = response_format(schema);
+        }
         if stream {
             request["stream_options"] = json!({ "include_usage": true });
         }
@@ -419,52 +423,6 @@ fn to_model(model: RouterModel, size_bytes: u64) -> Model {
         max_context_length: context_length,
         capabilities: None,
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Usage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
-
-#[derive(Deserialize)]
-struct Completion {
-    #[serde(default)]
-    choices: Vec<CompletionChoice>,
-    #[serde(default)]
-    usage: Usage,
-}
-
-#[derive(Deserialize)]
-struct CompletionChoice {
-    message: CompletionMessage,
-}
-
-#[derive(Deserialize)]
-struct CompletionMessage {
-    content: Option<String>,
-    reasoning_content: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<ChunkChoice>,
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
-    delta: CompletionDelta,
-}
-
-#[derive(Default, Deserialize)]
-struct CompletionDelta {
-    content: Option<String>,
-    reasoning_content: Option<String>,
 }
 
 /// The router's models in the pool's vocabulary, each sized by its file and the largest

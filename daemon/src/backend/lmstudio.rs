@@ -5,6 +5,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::completions::{response_format, Completion};
 use super::{classify_error, decode_reply, BackendError, Http, Limit, Opened};
 use lmsd_proto::LoadSettings;
 
@@ -114,6 +115,10 @@ pub struct ChatBody {
     /// Keep the reply on the engine, so a later chat can continue it (LM Studio's default is
     /// true; lmsd asks for it only when a task continues or may be continued).
     pub store: bool,
+    /// Constrain the answer to this JSON Schema. LM Studio's native chat has no structured
+    /// output, so such a chat goes to `/v1/chat/completions`, which keeps no conversation.
+    #[serde(skip)]
+    pub schema: Option<Value>,
 }
 
 impl std::fmt::Debug for ChatBody {
@@ -265,10 +270,68 @@ impl LmStudio {
     }
 
     pub async fn chat(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
+        if let Some(schema) = &body.schema {
+            return self.chat_constrained(body, schema).await;
+        }
         self.http
             .post("/api/v1/chat", body, Limit::Request)
             .await
             .map_err(|e| continuation_error(e, body))
+    }
+
+    /// A chat whose answer is constrained to `schema`, through the OpenAI-compatible endpoint:
+    /// the only one of LM Studio's that honours a schema. It is stateless: no continuation, no
+    /// stored reply (lmsd refuses a contract on a continued chat before it gets here).
+    async fn chat_constrained(
+        &self,
+        body: &ChatBody,
+        schema: &Value,
+    ) -> Result<ChatReply, BackendError> {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &body.system_prompt {
+            messages.push(serde_json::json!({"role": "system", "content": system}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": body.input}));
+        let mut request = serde_json::json!({
+            "model": body.model,
+            "messages": messages,
+            "response_format": response_format(schema),
+        });
+        if let Some(temperature) = body.temperature {
+            request["temperature"] = serde_json::json!(temperature);
+        }
+        if let Some(max_tokens) = body.max_output_tokens {
+            request["max_tokens"] = serde_json::json!(max_tokens);
+        }
+        let reply: Completion = self
+            .http
+            .post("/v1/chat/completions", &request, Limit::Request)
+            .await?;
+        let message = reply.choices.into_iter().next().map(|c| c.message);
+        let (content, reasoning) = message
+            .map(|m| {
+                (
+                    m.content.unwrap_or_default(),
+                    m.reasoning_content.unwrap_or_default(),
+                )
+            })
+            .unwrap_or_default();
+        let mut output = Vec::with_capacity(2);
+        if !reasoning.is_empty() {
+            output.push(OutputItem::Reasoning { content: reasoning });
+        }
+        output.push(OutputItem::Message { content });
+        Ok(ChatReply {
+            // The instance that answered, which may not be the one named (§8 of the notes).
+            model_instance_id: reply.model.unwrap_or_else(|| body.model.clone()),
+            output,
+            stats: ChatStats {
+                input_tokens: reply.usage.prompt_tokens,
+                total_output_tokens: reply.usage.completion_tokens,
+                ..ChatStats::default()
+            },
+            response_id: None,
+        })
     }
 
     /// A streamed chat: SSE events go to `on_event` as they come; the result is `chat.end`'s.

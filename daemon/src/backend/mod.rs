@@ -5,6 +5,7 @@
 //!
 //! `errors` classifies what goes wrong, `http` is the transport both share.
 
+mod completions;
 mod conversations;
 mod errors;
 mod http;
@@ -76,6 +77,18 @@ impl Backend {
     pub fn accept_load_settings(&self, any: bool) -> Result<(), BackendError> {
         match self {
             Backend::LlamaServer(_) if any => Err(llama_server::no_load_settings()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a chat with a contract can run here. LM Studio constrains answers only on its
+    /// stateless `/v1/chat/completions`, so there a contract cannot continue a conversation;
+    /// llama-server's conversations are lmsd's own, and go on with any chat.
+    pub fn accept_contract(&self, continues: bool) -> Result<(), BackendError> {
+        match self {
+            Backend::LmStudio(_) if continues => Err(BackendError::Unsupported {
+                what: "a chat with a contract (schema, choices, json_object) runs on LM Studio's /v1/chat/completions, which keeps no conversation: send it without session or previous_response_id".into(),
+            }),
             _ => Ok(()),
         }
     }

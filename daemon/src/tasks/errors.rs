@@ -1,6 +1,6 @@
 //! Why a task or request failed, and the one place that maps it to a wire code.
 
-use lmsd_proto::{ErrorCode, WireError};
+use lmsd_proto::{ContractKind, ErrorCode, InvalidOutput, WireError};
 
 use crate::backend::BackendError;
 use crate::pool::PoolError;
@@ -31,6 +31,15 @@ pub enum TaskError {
     /// A request lmsd refuses before it reaches the engine.
     #[error("{0}")]
     BadRequest(String),
+    /// No answer kept the contract. What was wrong, and the answer, go to the client in
+    /// `invalid_output` and nowhere else: this message, which logs may show, holds neither.
+    #[error("no answer kept the task's {kind} contract ({attempts} answers); the problems and the last answer are in the error's invalid_output")]
+    OutputInvalid {
+        kind: ContractKind,
+        attempts: u32,
+        problems: Vec<String>,
+        output: String,
+    },
 }
 
 fn backend_code(error: &BackendError) -> ErrorCode {
@@ -72,12 +81,24 @@ impl TaskError {
                 ErrorCode::DeadlineExceeded
             }
             TaskError::Cancelled => ErrorCode::Cancelled,
+            TaskError::OutputInvalid { .. } => ErrorCode::OutputInvalid,
             TaskError::SessionLost { .. } => ErrorCode::SessionLost,
             TaskError::Pool(PoolError::UnloadNotVerified { .. }) | TaskError::EmptyReply { .. } => {
                 ErrorCode::BackendError
             }
         };
-        WireError::new(code, self.to_string())
+        let mut wire = WireError::new(code, self.to_string());
+        if let TaskError::OutputInvalid {
+            problems, output, ..
+        } = self
+        {
+            wire.message = format!("{}: {}", wire.message, problems.join("; "));
+            wire.invalid_output = Some(Box::new(InvalidOutput {
+                errors: problems.clone(),
+                output: output.clone(),
+            }));
+        }
+        wire
     }
 
     pub(super) fn backend(&self) -> Option<&BackendError> {
@@ -98,6 +119,7 @@ impl TaskError {
         matches!(
             self,
             TaskError::EmptyReply { .. }
+                | TaskError::OutputInvalid { .. }
                 | TaskError::Pool(
                     PoolError::NotFound { .. }
                         | PoolError::BudgetExceeded { .. }

@@ -8,6 +8,7 @@ pub mod choice;
 pub mod registry;
 pub mod sessions;
 
+mod contract;
 mod errors;
 mod runner;
 mod work;
@@ -16,10 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lmsd_proto::{
-    BackendStatus, CancelOutcome, ChatOutcome, ChatRequest, ContentSource, DaemonInfo,
-    EmbedOutcome, EmbedRequest, Event, LoadOutcome, LoadRequest, ModelInfo, ModelKind, ModelList,
-    PinOutcome, Reply, SessionList, StatusReport, TaskKind, TaskList, TaskReport, UnloadOutcome,
-    UnloadRequest, Usage, PROTOCOL_VERSION,
+    BackendStatus, CancelOutcome, ChatOutcome, ChatRequest, ContentSource, ContractReport,
+    DaemonInfo, EmbedOutcome, EmbedRequest, Event, LoadOutcome, LoadRequest, ModelInfo, ModelKind,
+    ModelList, PinOutcome, Reply, SessionList, StatusReport, TaskKind, TaskList, TaskReport,
+    UnloadOutcome, UnloadRequest, Usage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, Model, ModelType, TextSource};
 use crate::config::Config;
 use crate::pool::{PoolError, PoolHandle};
+use contract::Contract;
 pub use errors::TaskError;
 use registry::Registry;
 use runner::{run_task, Done, Work};
@@ -333,7 +335,21 @@ async fn run_chat(
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<ChatOutcome, TaskError> {
-    let work = Work::Chat(request);
+    let contract = Contract::of(request).map_err(TaskError::BadRequest)?;
+    if let Some(contract) = &contract {
+        ctx.backend
+            .accept_contract(request.session.is_some() || request.previous_response_id.is_some())?;
+        if request.stream {
+            return Err(TaskError::BadRequest(format!(
+                "a chat with a {} contract is checked whole before it is answered, so it cannot stream: leave stream out",
+                contract.kind()
+            )));
+        }
+    }
+    let work = Work::Chat {
+        chat: request,
+        contract: contract.as_ref(),
+    };
     let (done, answered, report) = run_task(
         ctx,
         TaskKind::Chat,
@@ -344,7 +360,15 @@ async fn run_chat(
         cancel,
     )
     .await?;
-    let (Done::Chat { reply, system }, Some((content, source))) = (&done, done.text()) else {
+    let (
+        Done::Chat {
+            reply,
+            system,
+            json,
+        },
+        Some((content, source)),
+    ) = (&done, done.text())
+    else {
         return Err(TaskError::EmptyReply {
             instance: answered.instance,
         });
@@ -374,6 +398,12 @@ async fn run_chat(
                 .model_load_time_seconds
                 .or(answered.load_time.map(|d| d.as_secs_f64())),
         },
+        json: json.clone(),
+        contract: contract.map(|contract| ContractReport {
+            kind: contract.kind(),
+            passed: true,
+            attempts: answered.answers,
+        }),
         task: report,
     })
 }

@@ -11,6 +11,7 @@ use lmsd_proto::{Event, TaskKind, TaskOptions, TaskReport, Ttl, UnloadRequest};
 use tokio_util::sync::CancellationToken;
 
 use super::choice::{self, Candidate, PoolView};
+use super::contract::Contract;
 use super::registry::TaskHandle;
 use super::sessions::SystemPrompt;
 use super::work::context_needed;
@@ -31,11 +32,16 @@ pub(super) struct Task<'a> {
     pub(super) report: TaskReport,
     /// Time spent loading models for this task, if it waited for a load.
     pub(super) load_time: Option<Duration>,
+    /// Answers checked against the task's contract, on every model tried.
+    pub(super) answers: u32,
 }
 
 /// What a task does once it holds a slot: a chat or an embedding.
 pub(super) enum Work<'a> {
-    Chat(&'a ChatRequest),
+    Chat {
+        chat: &'a ChatRequest,
+        contract: Option<&'a Contract>,
+    },
     Embed(&'a EmbedRequest),
 }
 
@@ -44,6 +50,8 @@ pub(super) enum Done {
     Chat {
         reply: ChatReply,
         system: SystemPrompt,
+        /// The answer parsed, when it kept a contract.
+        json: Option<serde_json::Value>,
     },
     Embed(Vec<Vec<f64>>),
 }
@@ -96,6 +104,7 @@ impl<'a> Task<'a> {
             retries: config.tasks.retries,
             sink,
             load_time: None,
+            answers: 0,
         }
     }
 
@@ -262,7 +271,7 @@ impl<'a> Task<'a> {
         work: &Work<'_>,
     ) -> Result<(Done, Answered), TaskError> {
         let (ttl, context_length, min_context) = match work {
-            Work::Chat(chat) => (
+            Work::Chat { chat, .. } => (
                 if chat.unload_after {
                     Some(Ttl::After(Duration::ZERO))
                 } else if chat.keep {
@@ -276,6 +285,8 @@ impl<'a> Task<'a> {
             Work::Embed(_) => (None, None, None),
         };
         let mut transient_tries = 0;
+        // After an answer broke its contract, the one retry on this model runs at temperature 0.
+        let mut cold = false;
         let mut unreachable_since = None;
         let outage_wait = self.ctx.config.borrow().tasks.outage_wait;
         let mut reloaded = false;
@@ -299,7 +310,9 @@ impl<'a> Task<'a> {
                     Err(error) => return Err(error),
                 };
             let instance = lease.instance_id.clone();
-            let result = Box::pin(self.perform(&lease, candidate, work)).await;
+            let result = Box::pin(self.perform(&lease, candidate, work, cold))
+                .await
+                .and_then(|done| self.keep_contract(work, done));
             drop(lease);
             self.handle.set_instance(None);
             let error = match result {
@@ -309,6 +322,7 @@ impl<'a> Task<'a> {
                         Answered {
                             instance,
                             load_time: self.load_time,
+                            answers: self.answers,
                         },
                     ))
                 }
@@ -318,6 +332,11 @@ impl<'a> Task<'a> {
                 unreachable_since.get_or_insert_with(Instant::now);
             }
             match &error {
+                TaskError::OutputInvalid { .. } if !cold => {
+                    cold = true;
+                    tracing::info!(task = %self.handle.id, model = %candidate.model, "the answer broke its contract; asking once more at temperature 0");
+                }
+                TaskError::OutputInvalid { .. } => return Err(error),
                 // The instance vanished under the task (outside unload, a crash, LM Studio
                 // restart; or another model answered in its place), or answered nothing: reload
                 // it once and try again.
@@ -362,6 +381,39 @@ impl<'a> Task<'a> {
         }
     }
 
+    /// A chat's answer checked against its contract: parsed into `json`, or `OutputInvalid`.
+    fn keep_contract(&mut self, work: &Work<'_>, done: Done) -> Result<Done, TaskError> {
+        let Work::Chat {
+            contract: Some(contract),
+            ..
+        } = work
+        else {
+            return Ok(done);
+        };
+        let Done::Chat { reply, system, .. } = done else {
+            return Ok(done);
+        };
+        self.answers += 1;
+        // The message only: reasoning is not the answer, even when it is all there is.
+        let answer = match reply.text() {
+            Some((text, TextSource::Message)) => text,
+            _ => String::new(),
+        };
+        match contract.check(&answer) {
+            Ok(value) => Ok(Done::Chat {
+                reply,
+                system,
+                json: Some(value),
+            }),
+            Err(problems) => Err(TaskError::OutputInvalid {
+                kind: contract.kind(),
+                attempts: self.answers,
+                problems,
+                output: answer,
+            }),
+        }
+    }
+
     fn finish(mut self) -> TaskReport {
         self.report.total_ms = millis(self.submitted.elapsed());
         self.report
@@ -395,6 +447,8 @@ pub(super) struct Answered {
     pub(super) instance: String,
     /// Load time this task waited for, if any.
     pub(super) load_time: Option<Duration>,
+    /// Answers checked against a contract, the one that kept it included.
+    pub(super) answers: u32,
 }
 
 /// Exponential backoff with jitter: about 100 ms, 200 ms, 400 ms, … capped at 5 s.

@@ -17,6 +17,7 @@ impl Task<'_> {
         lease: &Lease,
         candidate: &Candidate,
         work: &Work<'_>,
+        cold: bool,
     ) -> Result<Done, TaskError> {
         match work {
             Work::Embed(embed) => {
@@ -34,7 +35,7 @@ impl Task<'_> {
                 }
                 Ok(Done::Embed(vectors))
             }
-            Work::Chat(chat) => {
+            Work::Chat { chat, contract } => {
                 let continues = self.continues(chat, &candidate.model)?;
                 // The system prompt of the conversation this reply belongs to: the one it began
                 // with, or this chat's when it begins one.
@@ -51,11 +52,12 @@ impl Task<'_> {
                         Some(_) => None,
                         None => chat.system_prompt.clone(),
                     },
-                    temperature: chat.temperature,
+                    temperature: if cold { Some(0.0) } else { chat.temperature },
                     max_output_tokens: chat.max_output_tokens,
                     store: chat.store || chat.session.is_some() || continues.is_some(),
                     previous_response_id: continues.map(|c| c.response_id),
                     stream: chat.stream,
+                    schema: contract.map(|c| c.engine_schema().clone()),
                 };
                 let reply = if chat.stream {
                     let mut first_token = true;
@@ -119,7 +121,11 @@ impl Task<'_> {
                         instance: reply.model_instance_id,
                     });
                 }
-                Ok(Done::Chat { reply, system })
+                Ok(Done::Chat {
+                    reply,
+                    system,
+                    json: None,
+                })
             }
         }
     }

@@ -194,8 +194,52 @@ pub struct ChatOutcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_id: Option<String>,
     pub usage: Usage,
+    /// With a contract: the answer parsed (for `choices`, the label as a JSON string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<serde_json::Value>,
+    /// With a contract: its kind, and how many answers it took to keep it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<ContractReport>,
     #[serde(flatten)]
     pub task: TaskReport,
+}
+
+/// The kind of a chat's contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContractKind {
+    Schema,
+    Choices,
+    JsonObject,
+    /// A kind this client does not know yet (sent by a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ContractKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContractKind::Schema => "schema",
+            ContractKind::Choices => "choices",
+            ContractKind::JsonObject => "json_object",
+            ContractKind::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ContractKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a chat kept its contract: `passed` is always true on a result (an answer that broke it
+/// is the error `output_invalid`); `attempts` counts the answers it took, across models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContractReport {
+    pub kind: ContractKind,
+    pub passed: bool,
+    pub attempts: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

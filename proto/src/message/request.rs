@@ -241,6 +241,17 @@ pub struct ChatRequest {
     /// engine to keep nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub store: bool,
+    /// Contract: the answer is one JSON value valid against this JSON Schema (the engine is
+    /// constrained to it, and lmsd checks it). At most one of `schema`, `choices`,
+    /// `json_object`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+    /// Contract: the answer is exactly one of these labels (a classification).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
+    /// Contract: the answer is a JSON object.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub json_object: bool,
     #[serde(default, flatten)]
     pub options: TaskOptions,
 }

@@ -161,6 +161,8 @@ fn replies_round_trip_with_their_documented_shape() {
                 reasoning_output_tokens: 0,
                 model_load_time_seconds: None,
             },
+            json: None,
+            contract: None,
             task: TaskReport {
                 task_id: "t1".into(),
                 model: "m".into(),
