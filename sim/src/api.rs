@@ -29,6 +29,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/models/load", post(load))
         .route("/api/v1/models/unload", post(unload))
         .route("/api/v1/chat", post(chat::chat))
+        .route(
+            "/v1/chat/completions",
+            post(crate::completions::completions),
+        )
         .route("/v1/embeddings", post(embeddings::embeddings))
         .fallback(unknown_route)
         .with_state(shared)

@@ -9,6 +9,8 @@ pub enum Route {
     Load,
     Unload,
     Chat,
+    /// `/v1/chat/completions`, the OpenAI-compatible chat.
+    Completions,
     Embeddings,
     Any,
 }
@@ -52,6 +54,15 @@ pub enum Fault {
     /// Unload: the instance is removed first (as a TTL, auto-evict or crash would have done a
     /// moment earlier), then the unload is answered 400 `invalid_request` "No model found…".
     GoneBeforeUnload,
+    /// `/v1/chat/completions` with a schema: the model answers in prose around its JSON, as
+    /// unconstrained small models do.
+    Prose,
+    /// … wraps its JSON in a Markdown code fence.
+    Fenced,
+    /// … stops half-way through its JSON.
+    InvalidJson,
+    /// … answers a label outside the schema's `enum` (or `null` for other schemas).
+    OffLabel,
 }
 
 impl Fault {

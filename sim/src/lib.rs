@@ -28,6 +28,7 @@
 mod api;
 pub mod catalogue;
 mod chat;
+pub mod completions;
 mod embeddings;
 mod errors;
 pub mod faults;

@@ -72,6 +72,10 @@ pub struct SimStats {
     pub chats: u64,
     /// Chat requests received, counted before any injected fault or delay.
     pub chat_requests: u64,
+    /// Chats answered on `/v1/chat/completions`.
+    pub completions: u64,
+    /// Of those, the ones asked at temperature 0.
+    pub cold_completions: u64,
     /// Embedding requests answered.
     pub embeddings: u64,
     /// The most requests any one instance had at the same moment, counted from their arrival

@@ -33,7 +33,7 @@ pub enum TaskError {
     BadRequest(String),
     /// No answer kept the contract. What was wrong, and the answer, go to the client in
     /// `invalid_output` and nowhere else: this message, which logs may show, holds neither.
-    #[error("no answer kept the task's {kind} contract ({attempts} answers); the problems and the last answer are in the error's invalid_output")]
+    #[error("no answer kept the task's {kind} contract (answers tried: {attempts}); the problems and the last answer are in the error's invalid_output")]
     OutputInvalid {
         kind: ContractKind,
         attempts: u32,

@@ -1,0 +1,179 @@
+//! Output contracts against the simulator: a chat's schema, choices or JSON object kept by the
+//! engine's constrained decoding, checked by lmsd, retried, moved to another model, or refused
+//! with `output_invalid` — and what is refused before a task queues.
+
+use lmstudio_sim::{Fault, Route, SimConfig, Times};
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const GRANITE: &str = "ibm/granite-4-micro";
+const QWEN: &str = "qwen/qwen3-4b";
+
+const PERSON: &str = r#"{"type":"object","properties":{"name":{"type":"string"},"age":{"type":"integer","minimum":18}},"required":["name","age"]}"#;
+
+fn contract(reply: &Value) -> (&str, u64) {
+    (
+        reply["contract"]["kind"].as_str().unwrap_or_default(),
+        reply["contract"]["attempts"].as_u64().unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_contract_is_kept_through_the_constrained_endpoint_and_printed_alone() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start(&sim.url()).await;
+
+    let person = daemon
+        .ctl_json(&["chat", GRANITE, "Extract: Ada, 36.", "--schema", PERSON])
+        .await;
+    assert_eq!(person["json"]["age"], 18, "{person}");
+    assert_eq!(contract(&person), ("schema", 1));
+    assert_eq!(
+        sim.stats().completions,
+        1,
+        "LM Studio's native chat has no schema"
+    );
+
+    // The label the input names; printed alone, without quotes.
+    let label = daemon
+        .ctl(&[
+            "chat",
+            GRANITE,
+            "Please add a dark mode (feature request)",
+            "--choices",
+            "bug,feature,question",
+        ])
+        .await;
+    assert_eq!(
+        (label.code, label.stdout.as_str()),
+        (0, "feature\n"),
+        "{}",
+        label.stderr
+    );
+
+    // The JSON alone on one line, from a schema in a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("person.json");
+    std::fs::write(&file, PERSON).unwrap();
+    let printed = daemon
+        .ctl(&[
+            "chat",
+            GRANITE,
+            "Extract: Ada.",
+            "--schema",
+            file.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(printed.code, 0, "{}", printed.stderr);
+    let value: Value = serde_json::from_str(printed.stdout.trim()).unwrap();
+    assert_eq!(value["name"], "Simulated text");
+
+    let object = daemon
+        .ctl_json(&["chat", GRANITE, "Any JSON object", "--json-object"])
+        .await;
+    assert!(object["json"].is_object(), "{object}");
+    assert_eq!(contract(&object), ("json_object", 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_answer_is_retried_once_cold_then_moves_to_the_next_model_then_fails() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start(&sim.url()).await;
+    let person = ["--schema", PERSON];
+
+    // A fence is forgiven without a retry.
+    sim.inject(Route::Completions, Fault::Fenced, Times::Once);
+    let fenced = daemon
+        .ctl_json(&[&["chat", GRANITE, "Ada, 36"][..], &person].concat())
+        .await;
+    assert_eq!(contract(&fenced), ("schema", 1));
+    assert_eq!(fenced["json"]["age"], 18);
+
+    // Prose once: the retry at temperature 0 keeps it.
+    sim.inject(Route::Completions, Fault::Prose, Times::Once);
+    let prose = daemon
+        .ctl_json(&[&["chat", GRANITE, "Ada, 36"][..], &person].concat())
+        .await;
+    assert_eq!(contract(&prose), ("schema", 2));
+    assert_eq!(prose["model"], GRANITE);
+    assert_eq!(
+        sim.stats().cold_completions,
+        1,
+        "the retry, and only it, ran cold"
+    );
+
+    // Cut off twice on the first model: the next one on the preference list answers.
+    sim.inject(Route::Completions, Fault::InvalidJson, Times::N(2));
+    let moved = daemon
+        .ctl_json(&[&["chat", GRANITE, "Ada, 36", "--prefer", QWEN][..], &person].concat())
+        .await;
+    assert_eq!(contract(&moved), ("schema", 3));
+    assert_eq!(moved["model"], QWEN, "{moved}");
+
+    // A label outside the choices every time: output_invalid, with what was wrong and the
+    // answer itself for the client.
+    sim.inject(Route::Completions, Fault::OffLabel, Times::Always);
+    let failed = daemon
+        .ctl(&[
+            "--json",
+            "chat",
+            GRANITE,
+            "a crash",
+            "--choices",
+            "bug,feature",
+        ])
+        .await;
+    assert_eq!(failed.code, 17, "{}", failed.stderr);
+    let error: Value = serde_json::from_str(failed.stdout.trim()).unwrap();
+    assert_eq!(error["error"]["code"], "output_invalid");
+    assert_eq!(
+        error["error"]["invalid_output"]["output"],
+        "\"none of these\""
+    );
+    let problems = error["error"]["invalid_output"]["errors"].to_string();
+    assert!(
+        problems.contains("not one of the choices (bug, feature)"),
+        "{problems}"
+    );
+    assert!(
+        !daemon.logs().contains("none of these"),
+        "an answer never reaches the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contracts_that_cannot_be_kept_are_refused_before_the_task_queues() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start(&sim.url()).await;
+    for (args, says) in [
+        (
+            vec!["--schema", r#"{"type":"banana"}"#],
+            "not a valid JSON Schema",
+        ),
+        (vec!["--choices", "bug,bug"], "given twice"),
+        (
+            vec!["--schema", PERSON, "--session", "s"],
+            "keeps no conversation",
+        ),
+    ] {
+        let out = daemon
+            .ctl(&[&["chat", GRANITE, "hello"][..], &args].concat())
+            .await;
+        assert_eq!(out.code, 4, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+    }
+    let both = daemon
+        .raw(
+            chat_line("c1", GRANITE, json!({"json_object": true, "stream": true})).as_bytes(),
+            1,
+        )
+        .await;
+    assert_eq!(both[0]["error"]["code"], "bad_request", "{both:?}");
+    assert!(both[0]["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("cannot stream"));
+    assert_eq!(sim.stats().completions + sim.stats().chat_requests, 0);
+    assert_eq!(sim.stats().loads, 0, "nothing was loaded for them");
+}
