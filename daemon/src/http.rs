@@ -252,8 +252,24 @@ struct ChatCompletionBody {
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
     stream_options: Option<StreamOptions>,
+    response_format: Option<ResponseFormat>,
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
+}
+
+/// OpenAI's `response_format`: a JSON Schema or any JSON object becomes the task's contract.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Deserialize)]
+struct JsonSchemaFormat {
+    /// Absent: any JSON value (OpenAI takes a name and no schema).
+    schema: Option<Value>,
 }
 
 /// LM Studio's chat takes one input, no assistant turns: system messages become the system
@@ -321,6 +337,13 @@ fn chat_request(body: &ChatCompletionBody) -> Result<ChatRequest, WireError> {
     };
     // The temperature goes to the engine as given, not mapped from OpenAI's 0–2: the task
     // refuses one outside the engine's range (LM Studio's is 0–1) and says so.
+    let (schema, json_object) = match &body.response_format {
+        None | Some(ResponseFormat::Text) => (None, false),
+        Some(ResponseFormat::JsonObject) => (None, true),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            (Some(json_schema.schema.clone().unwrap_or(json!({}))), false)
+        }
+    };
     Ok(ChatRequest {
         model: body.model.clone(),
         input,
@@ -328,6 +351,8 @@ fn chat_request(body: &ChatCompletionBody) -> Result<ChatRequest, WireError> {
         temperature: body.temperature,
         max_output_tokens: body.max_completion_tokens.or(body.max_tokens),
         stream: body.stream,
+        schema,
+        json_object,
         options: TaskOptions::default(),
         ..ChatRequest::default()
     })
@@ -356,6 +381,12 @@ async fn chat_completions(State(front): State<Front>, headers: HeaderMap, body: 
         Ok(request) => request,
         Err(wire) => return error(wire),
     };
+    if body.stream && (request.schema.is_some() || request.json_object) {
+        return error_about(
+            WireError::bad_request("a response_format answer is checked whole before it is sent, so it cannot stream: leave stream out"),
+            Some("stream"),
+        );
+    }
     if body.stream {
         let include_usage = body.stream_options.unwrap_or_default().include_usage;
         return stream_chat(front.ctx, request, include_usage);
@@ -367,15 +398,23 @@ async fn chat_completions(State(front): State<Front>, headers: HeaderMap, body: 
         replies,
     };
     match tasks::chat(&front.ctx, &request, &sink, CancellationToken::new()).await {
-        Ok(outcome) => Json(json!({
-            "id": format!("chatcmpl-{}", outcome.task.task_id),
-            "object": "chat.completion",
-            "created": unix_now(),
-            "model": outcome.task.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.content}, "finish_reason": "stop"}],
-            "usage": usage(&outcome),
-        }))
-        .into_response(),
+        Ok(outcome) => {
+            // A contract's answer as the JSON lmsd checked: a fence the model put around it is
+            // gone, so the client's own parse (the openai package's `parse()`) takes it as is.
+            let content = outcome
+                .json
+                .as_ref()
+                .map_or_else(|| outcome.content.clone(), Value::to_string);
+            Json(json!({
+                "id": format!("chatcmpl-{}", outcome.task.task_id),
+                "object": "chat.completion",
+                "created": unix_now(),
+                "model": outcome.task.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": usage(&outcome),
+            }))
+            .into_response()
+        }
         Err(e) => error(e.to_wire()),
     }
 }

@@ -1,5 +1,5 @@
 """The real `openai` Python client against lmsd's front door: models, a plain chat, a streamed
-chat with usage, embeddings, an unknown model and a wrong key. Run by tests/e2e/front_door.rs."""
+chat with usage, structured output with parse(), embeddings, an unknown model and a wrong key. Run by tests/e2e/front_door.rs."""
 
 import sys
 
@@ -41,9 +41,44 @@ for packed, plain in zip(embedded.data, as_floats.data):
     assert len(packed.embedding) == len(plain.embedding), (packed, plain)
     assert all(abs(a - b) < 1e-6 for a, b in zip(packed.embedding, plain.embedding)), (packed, plain)
 
+# Structured output: the client's own parse() with a Pydantic model, and json_object (which
+# LM Studio itself refuses; lmsd constrains it as a schema of any object).
+import json
+
+from pydantic import BaseModel
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+parsed = client.chat.completions.parse(
+    model="ibm/granite-4-micro",
+    messages=[{"role": "user", "content": "Extract the person: Ada Lovelace, 36."}],
+    response_format=Person,
+)
+person = parsed.choices[0].message.parsed
+assert isinstance(person, Person) and person.name == "Simulated text", parsed
+anything = client.chat.completions.create(
+    model="ibm/granite-4-micro",
+    messages=[{"role": "user", "content": "Any JSON object"}],
+    response_format={"type": "json_object"},
+)
+assert isinstance(json.loads(anything.choices[0].message.content), dict), anything
+try:
+    client.chat.completions.create(
+        model="ibm/granite-4-micro",
+        messages=[{"role": "user", "content": "x"}],
+        response_format={"type": "json_object"},
+        stream=True,
+    )
+    raise SystemExit("a streamed response_format must be refused")
+except openai.BadRequestError as error:
+    assert error.body["param"] == "stream", error.body
+
 # What lmsd cannot honour is refused by name, never silently dropped.
 for field, value in [
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("top_p", 0.5),
 ]:
