@@ -508,3 +508,61 @@ async fn embeddings_on_a_model_the_router_runs_for_them() {
     assert_eq!(vectors[0].as_array().unwrap().len(), 256, "tiny-b's width");
     assert_ne!(vectors[0], vectors[1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma_keeps_a_schema_a_choice_and_a_json_object_under_constraint() {
+    let Some(router) = router(&[GEMMA]).await else {
+        return;
+    };
+    let daemon = daemon_for(&router, "request_timeout = \"120s\"\n").await;
+    let ask = |input: &'static str, contract: &[&'static str]| {
+        let mut args = vec![
+            "--json",
+            "chat",
+            GEMMA,
+            input,
+            "--temperature",
+            "0",
+            // Constrained, a small model may pad with the white space the JSON grammar allows
+            // (tabs, newlines) before each key: it needs room for that.
+            "--max-output-tokens",
+            "256",
+        ];
+        args.extend_from_slice(contract);
+        args
+    };
+    let run = |args: Vec<&'static str>| {
+        let daemon = &daemon;
+        async move {
+            let out = daemon.ctl_within(&args, Duration::from_secs(120)).await;
+            assert_eq!(out.code, 0, "{args:?}: {}\n{}", out.stderr, out.stdout);
+            serde_json::from_str::<serde_json::Value>(out.stdout.lines().last().unwrap()).unwrap()
+        }
+    };
+    let city = run(ask(
+        "Extract the city from: I live in Paris and work in a bakery.",
+        &[
+            "--schema",
+            r#"{"type":"object","properties":{"city":{"type":"string","maxLength":24}},"required":["city"],"additionalProperties":false}"#,
+        ],
+    ))
+    .await;
+    assert!(city["json"]["city"].is_string(), "{city}");
+    assert_eq!(city["contract"]["kind"], "schema");
+    let label = run(ask(
+        "Is this review positive or negative? 'I love it, it works perfectly.'",
+        &["--choices", "positive,negative"],
+    ))
+    .await;
+    let label = label["json"].as_str().unwrap_or_default().to_owned();
+    assert!(["positive", "negative"].contains(&label.as_str()), "{label}");
+    let object = run(ask(
+        "Give the name and colour of the sea as JSON.",
+        &[
+            "--schema",
+            r#"{"type":"object","properties":{"name":{"type":"string","maxLength":16},"colour":{"type":"string","maxLength":16}},"required":["name","colour"]}"#,
+        ],
+    ))
+    .await;
+    assert!(object["json"].is_object(), "{object}");
+}
