@@ -11,9 +11,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lmsd_proto::{
-    CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, Event, LoadRequest,
-    LoadSettings, Needs, PinRequest, Priority, Request, SavingsGrouping, SavingsRequest,
-    SessionsRequest, TaskOptions, Ttl, UnloadRequest, WireDuration,
+    CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, Event, FitnessRequest,
+    LoadRequest, LoadSettings, Needs, PinRequest, Priority, Request, SavingsGrouping,
+    SavingsRequest, SessionsRequest, TaskOptions, Ttl, UnloadRequest, WireDuration,
 };
 
 /// Command line for lmsd, the LM Studio lifecycle daemon: run tasks on local models, manage
@@ -131,6 +131,13 @@ enum Command {
         /// Break down by model, agent (the tasks' --tag) or day.
         #[arg(long, value_name = "model|agent|day")]
         by: Option<SavingsGrouping>,
+    },
+    /// How often each model kept its contracts (--schema, --choices, --json-object): first
+    /// try, after the retry, failed; from the ledger, so it survives restarts.
+    Fitness {
+        /// Only the last DUR, e.g. "24h", "7d".
+        #[arg(long, value_name = "DUR")]
+        since: Option<WireDuration>,
     },
 }
 
@@ -330,6 +337,7 @@ async fn main() -> ExitCode {
         Command::Reload => Request::Reload,
         Command::Metrics => Request::Metrics,
         Command::Savings { since, by } => Request::Savings(SavingsRequest { since, by }),
+        Command::Fitness { since } => Request::Fitness(FitnessRequest { since }),
         Command::Tasks => Request::Tasks,
         Command::Cancel { task_id } => Request::Cancel(CancelRequest { task_id }),
         Command::Sessions { action } => Request::Sessions(SessionsRequest {

@@ -71,6 +71,43 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
                 );
             }
         }
+        Outcome::Fitness(report) if report.models.is_empty() => {
+            println!(
+                "no contract tasks recorded yet (chat with --schema, --choices or --json-object)"
+            )
+        }
+        Outcome::Fitness(report) => {
+            let rows: Vec<Vec<String>> = report
+                .models
+                .iter()
+                .map(|row| {
+                    vec![
+                        row.model.clone(),
+                        row.kind.to_string(),
+                        row.tasks.to_string(),
+                        row.passed_first.to_string(),
+                        row.passed_retry.to_string(),
+                        row.failed.to_string(),
+                        format!("{:.0}%", row.pass_rate * 100.0),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "MODEL",
+                        "CONTRACT",
+                        "TASKS",
+                        "FIRST TRY",
+                        "AFTER RETRY",
+                        "FAILED",
+                        "PASS RATE"
+                    ],
+                    &rows,
+                )
+            );
+        }
         Outcome::Unknown => println!(
             "lmsd answered with a kind of result this lmsd-ctl does not know: update lmsd-ctl"
         ),

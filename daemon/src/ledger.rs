@@ -1,14 +1,19 @@
 //! The savings ledger: one JSON line per finished task in lmsd's state directory (time, model,
-//! agent tag, tokens, timings, outcome — never prompt or answer), rotated by size, and the sums
-//! `lmsd-ctl savings` shows at the configured paid prices.
+//! agent tag, tokens, timings, outcome — never prompt or answer), and one per contract kept or
+//! broken on a model; rotated by size. From it: the sums `lmsd-ctl savings` shows at the
+//! configured paid prices, the pass rates `lmsd-ctl fitness` shows, and each model's recent
+//! pass rate that `[routing] min_pass_rate` reads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lmsd_proto::{SavingsGroup, SavingsGrouping, SavingsReport, SavingsTotals};
+use lmsd_proto::{
+    ContractKind, FitnessReport, FitnessRow, SavingsGroup, SavingsGrouping, SavingsReport,
+    SavingsTotals,
+};
 use serde::{Deserialize, Serialize};
 
 /// One finished task.
@@ -25,9 +30,60 @@ pub struct Record {
     pub queued_ms: u64,
     pub load_ms: u64,
     pub total_ms: u64,
-    /// `ok` or an error code.
+    /// `ok` or an error code; for a contract record, its result.
     pub outcome: String,
+    /// Set on a contract record (`kind` "contract"): one model's answers to one task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<ContractCheck>,
 }
+
+impl Record {
+    /// A contract's result on `model`: what `fitness` counts (no tokens: the task's own record
+    /// has them).
+    pub fn contract(model: &str, kind: ContractKind, result: ContractResult) -> Record {
+        Record {
+            time: now_s(),
+            kind: "contract".into(),
+            model: model.to_owned(),
+            agent: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            queued_ms: 0,
+            load_ms: 0,
+            total_ms: 0,
+            outcome: result.as_str().into(),
+            contract: Some(ContractCheck { kind, result }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContractCheck {
+    pub kind: ContractKind,
+    pub result: ContractResult,
+}
+
+/// How one model did on one task's contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContractResult {
+    PassedFirst,
+    PassedRetry,
+    Failed,
+}
+
+impl ContractResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            ContractResult::PassedFirst => "passed_first",
+            ContractResult::PassedRetry => "passed_retry",
+            ContractResult::Failed => "failed",
+        }
+    }
+}
+
+/// Contract tasks per model that `recent_pass_rate` looks back over.
+pub const PASS_RATE_WINDOW: usize = 20;
 
 /// Paid prices, per million tokens, of the model a task would otherwise have gone to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,6 +111,9 @@ pub struct Ledger {
     /// The open file and its size, between flushes. Plain mutexes: short holds, never across an
     /// `.await`.
     file: Mutex<Option<(std::fs::File, u64)>>,
+    /// Each model's last `PASS_RATE_WINDOW` contract results (passed or not), newest last:
+    /// read from the files at start, then kept up to date by `append`.
+    recent: Mutex<HashMap<String, VecDeque<bool>>>,
 }
 
 /// How often buffered records reach the disk.
@@ -84,13 +143,33 @@ fn day(time: f64) -> String {
 
 impl Ledger {
     pub fn open(path: Option<PathBuf>, max_bytes: u64) -> Self {
-        Ledger {
+        let ledger = Ledger {
             path,
             max_bytes,
             pending: Mutex::new(Vec::new()),
             filled: tokio::sync::Notify::new(),
             file: Mutex::new(None),
-        }
+            recent: Mutex::new(HashMap::new()),
+        };
+        let mut recent = HashMap::new();
+        ledger.each_record(f64::MIN, |record| remember(&mut recent, &record));
+        *ledger.recent() = recent;
+        ledger
+    }
+
+    fn recent(&self) -> MutexGuard<'_, HashMap<String, VecDeque<bool>>> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A model's pass rate over its last contract tasks, and how many there were; `None`
+    /// before its first.
+    pub fn recent_pass_rate(&self, model: &str) -> Option<(f64, usize)> {
+        let recent = self.recent();
+        let results = recent.get(model).filter(|r| !r.is_empty())?;
+        let passed = results.iter().filter(|p| **p).count();
+        Some((passed as f64 / results.len() as f64, results.len()))
     }
 
     fn rotated(&self) -> Option<PathBuf> {
@@ -105,6 +184,7 @@ impl Ledger {
     }
 
     pub fn append(&self, record: Record) {
+        remember(&mut self.recent(), &record);
         if self.path.is_none() {
             return;
         }
@@ -196,44 +276,30 @@ impl Ledger {
         by: Option<SavingsGrouping>,
         prices: Prices,
     ) -> SavingsReport {
-        let from = since.map_or(f64::MIN, |d| now_s() - d.as_secs_f64());
         let mut totals = SavingsTotals::default();
         let mut groups: BTreeMap<String, SavingsTotals> = BTreeMap::new();
-        // Held while reading, so a rotation cannot move a file from under the sums.
         self.flush();
-        let _guard = self
-            .file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for file in [self.rotated(), self.path.clone()].into_iter().flatten() {
-            let Ok(file) = std::fs::File::open(&file) else {
-                continue;
-            };
-            for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
-                let Ok(record) = serde_json::from_str::<Record>(&line) else {
-                    continue;
-                };
-                if record.time < from || record.outcome != "ok" {
-                    continue;
-                }
-                let saved = prices.cost(record.input_tokens, record.output_tokens);
-                for sums in std::iter::once(&mut totals).chain(by.map(|by| {
-                    let key = match by {
-                        SavingsGrouping::Model => record.model.clone(),
-                        SavingsGrouping::Agent => {
-                            record.agent.clone().unwrap_or_else(|| "(untagged)".into())
-                        }
-                        SavingsGrouping::Day => day(record.time),
-                    };
-                    groups.entry(key).or_default()
-                })) {
-                    sums.tasks += 1;
-                    sums.input_tokens += record.input_tokens;
-                    sums.output_tokens += record.output_tokens;
-                    sums.usd_saved += saved;
-                }
+        self.each_record(since_time(since), |record| {
+            if record.outcome != "ok" || record.contract.is_some() {
+                return;
             }
-        }
+            let saved = prices.cost(record.input_tokens, record.output_tokens);
+            for sums in std::iter::once(&mut totals).chain(by.map(|by| {
+                let key = match by {
+                    SavingsGrouping::Model => record.model.clone(),
+                    SavingsGrouping::Agent => {
+                        record.agent.clone().unwrap_or_else(|| "(untagged)".into())
+                    }
+                    SavingsGrouping::Day => day(record.time),
+                };
+                groups.entry(key).or_default()
+            })) {
+                sums.tasks += 1;
+                sums.input_tokens += record.input_tokens;
+                sums.output_tokens += record.output_tokens;
+                sums.usd_saved += saved;
+            }
+        });
         SavingsReport {
             since_s: since.map(|d| d.as_secs()),
             input_usd_per_mtok: prices.input_usd_per_mtok,
@@ -244,6 +310,72 @@ impl Ledger {
                 .map(|(key, totals)| SavingsGroup { key, totals })
                 .collect(),
         }
+    }
+
+    /// Contract results per model and kind over the last `since` (or all).
+    pub fn fitness(&self, since: Option<Duration>) -> FitnessReport {
+        let mut rows: BTreeMap<(String, ContractKind), [u64; 3]> = BTreeMap::new();
+        self.flush();
+        self.each_record(since_time(since), |record| {
+            if let Some(check) = record.contract {
+                let counts = rows.entry((record.model, check.kind)).or_default();
+                counts[check.result as usize] += 1;
+            }
+        });
+        FitnessReport {
+            since_s: since.map(|d| d.as_secs()),
+            models: rows
+                .into_iter()
+                .map(|((model, kind), [first, retry, failed])| {
+                    let tasks = first + retry + failed;
+                    FitnessRow {
+                        model,
+                        kind,
+                        tasks,
+                        passed_first: first,
+                        passed_retry: retry,
+                        failed,
+                        pass_rate: (first + retry) as f64 / tasks.max(1) as f64,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Every readable record from `from` (Unix seconds) on, oldest file first. The file lock is
+    /// held while reading, so a rotation cannot move a file from under the sums.
+    fn each_record(&self, from: f64, mut each: impl FnMut(Record)) {
+        let _guard = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for file in [self.rotated(), self.path.clone()].into_iter().flatten() {
+            let Ok(file) = std::fs::File::open(&file) else {
+                continue;
+            };
+            for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Record>(&line) {
+                    Ok(record) if record.time >= from => each(record),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn since_time(since: Option<Duration>) -> f64 {
+    since.map_or(f64::MIN, |d| now_s() - d.as_secs_f64())
+}
+
+/// Adds a contract record's result to its model's recent window.
+fn remember(recent: &mut HashMap<String, VecDeque<bool>>, record: &Record) {
+    let Some(check) = record.contract else {
+        return;
+    };
+    let results = recent.entry(record.model.clone()).or_default();
+    results.push_back(check.result != ContractResult::Failed);
+    if results.len() > PASS_RATE_WINDOW {
+        results.pop_front();
     }
 }
 
@@ -263,6 +395,7 @@ mod tests {
             load_ms: 0,
             total_ms: 1,
             outcome: outcome.into(),
+            contract: None,
         }
     }
 

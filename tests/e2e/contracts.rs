@@ -177,3 +177,57 @@ async fn contracts_that_cannot_be_kept_are_refused_before_the_task_queues() {
     assert_eq!(sim.stats().completions + sim.stats().chat_requests, 0);
     assert_eq!(sim.stats().loads, 0, "nothing was loaded for them");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fitness_counts_each_models_contracts_and_sums_across_a_restart() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let state = tempfile::tempdir().unwrap();
+    let env = [("STATE_DIRECTORY", state.path().to_str().unwrap())];
+    let labels = ["--choices", "bug,feature"];
+    let first = TestDaemon::start_with(&sim.url(), "", &env).await;
+    first
+        .ctl_json(&[&["chat", GRANITE, "a bug"][..], &labels].concat())
+        .await;
+    sim.inject(Route::Completions, Fault::OffLabel, Times::Once);
+    first
+        .ctl_json(&[&["chat", GRANITE, "a bug"][..], &labels].concat())
+        .await;
+    first.terminate().await;
+
+    let second = TestDaemon::start_with(&sim.url(), "", &env).await;
+    // Broken on granite twice, kept by qwen at once: each model counts its own share.
+    sim.inject(Route::Completions, Fault::OffLabel, Times::N(2));
+    second
+        .ctl_json(&[&["chat", GRANITE, "a bug", "--prefer", QWEN][..], &labels].concat())
+        .await;
+    let fitness = second.ctl_json(&["fitness"]).await;
+    let rows = fitness["models"].as_array().unwrap();
+    let row = |model: &str| {
+        rows.iter()
+            .find(|r| r["model"] == model)
+            .unwrap_or_else(|| panic!("no row for {model}: {fitness}"))
+    };
+    let granite = row(GRANITE);
+    assert_eq!(granite["kind"], "choices");
+    assert_eq!(
+        (
+            &granite["tasks"],
+            &granite["passed_first"],
+            &granite["passed_retry"],
+            &granite["failed"]
+        ),
+        (&json!(3), &json!(1), &json!(1), &json!(1)),
+        "{granite}"
+    );
+    assert!((granite["pass_rate"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
+    assert_eq!(row(QWEN)["passed_first"], 1);
+    let table = second.ctl(&["fitness"]).await;
+    assert!(
+        table.stdout.contains("AFTER RETRY") && table.stdout.contains("67%"),
+        "{}",
+        table.stdout
+    );
+    // Savings count the tasks, not their contract records.
+    let savings = second.ctl_json(&["savings"]).await;
+    assert_eq!(savings["tasks"], 3, "{savings}");
+}

@@ -555,7 +555,10 @@ async fn gemma_keeps_a_schema_a_choice_and_a_json_object_under_constraint() {
     ))
     .await;
     let label = label["json"].as_str().unwrap_or_default().to_owned();
-    assert!(["positive", "negative"].contains(&label.as_str()), "{label}");
+    assert!(
+        ["positive", "negative"].contains(&label.as_str()),
+        "{label}"
+    );
     let object = run(ask(
         "Give the name and colour of the sea as JSON.",
         &[

@@ -214,6 +214,9 @@ impl Default for TasksConfig {
 pub struct RoutingConfig {
     /// Models to prefer, in order, when no loaded or freely fitting model meets the needs.
     pub prefer: Vec<String>,
+    /// For `auto` tasks with a contract: a model that kept fewer than this share (0 to 1) of
+    /// its last 20 contracts (judged after 5) is tried last. Off when unset.
+    pub min_pass_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -308,6 +311,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "[pool] max_instances above 1 needs LM Studio: llama-server runs one instance per model".into(),
             ));
+        }
+        if let Some(rate) = self.routing.min_pass_rate {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError::Invalid(format!(
+                    "[routing] min_pass_rate {rate} is not a share between 0 and 1 (0.8 for 80%)"
+                )));
+            }
         }
         if self.backend.kind == EngineKind::LlamaServer {
             // llama-server's router takes load settings from its preset file, not from a load.

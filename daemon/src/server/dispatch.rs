@@ -57,6 +57,9 @@ async fn answer(
             sessions.forget.clone(),
         ))),
         Request::Savings(savings) => Ok(Outcome::Savings(tasks::savings(ctx, savings.clone()))),
+        Request::Fitness(fitness) => Ok(Outcome::Fitness(
+            ctx.ledger.fitness(fitness.since.map(|s| s.0)),
+        )),
         Request::Metrics => tasks::metrics(ctx).await.map(Outcome::Metrics),
         Request::Events => Err(tasks::events(ctx, sink, cancel).await),
         Request::Reload => {

@@ -88,9 +88,65 @@ pub fn choose(
     chosen
 }
 
+/// Results a model needs in its window before `[routing] min_pass_rate` judges it.
+pub const MIN_PASS_SAMPLE: usize = 5;
+
+/// `auto` for a task with a contract: models whose recent pass rate (`rate_of`: the rate and
+/// how many results it is over) is below `min` go last, with the reason, rather than out: when
+/// all the others fail they are still worth a try, and they need tasks to show they improved.
+pub fn demote_unfit(
+    list: Vec<Candidate>,
+    min: f64,
+    rate_of: impl Fn(&str) -> Option<(f64, usize)>,
+) -> Vec<Candidate> {
+    let (mut fit, unfit): (Vec<_>, Vec<_>) = list.into_iter().partition(|c| {
+        rate_of(&c.model).is_none_or(|(rate, count)| count < MIN_PASS_SAMPLE || rate >= min)
+    });
+    fit.extend(unfit.into_iter().map(|mut c| {
+        if let Some((rate, count)) = rate_of(&c.model) {
+            c.reason = format!(
+                "tried last: it kept {:.0}% of its last {count} contracts, below [routing] min_pass_rate {:.0}%",
+                rate * 100.0,
+                min * 100.0
+            );
+        }
+        c
+    }));
+    fit
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn models_below_the_pass_rate_go_last_once_judged() {
+        let candidate = |model: &str| Candidate {
+            model: model.into(),
+            reason: "fits".into(),
+            size_bytes: None,
+        };
+        let list = vec![
+            candidate("poor"),
+            candidate("new"),
+            candidate("young"),
+            candidate("good"),
+        ];
+        let rates = |model: &str| match model {
+            "poor" => Some((0.4, 10)),
+            "young" => Some((0.0, MIN_PASS_SAMPLE - 1)),
+            "good" => Some((0.9, 20)),
+            _ => None,
+        };
+        let ordered = demote_unfit(list, 0.8, rates);
+        assert_eq!(keys(&ordered), ["new", "young", "good", "poor"]);
+        assert!(
+            ordered[3].reason.contains("kept 40% of its last 10"),
+            "{}",
+            ordered[3].reason
+        );
+        assert_eq!(ordered[0].reason, "fits");
+    }
 
     fn catalogue() -> Vec<Model> {
         serde_json::from_str(

@@ -265,6 +265,7 @@ fn record(
         load_ms,
         total_ms,
         outcome,
+        contract: None,
     });
 }
 

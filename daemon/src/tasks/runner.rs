@@ -17,6 +17,7 @@ use super::sessions::SystemPrompt;
 use super::work::context_needed;
 use super::{millis, Context, EventSink, TaskError};
 use crate::backend::{BackendError, ChatReply, TextSource};
+use crate::ledger::{ContractResult, Record};
 use crate::pool::{AcquireRequest, Lease, PoolError, PoolProgress, Progress};
 use lmsd_proto::{ChatRequest, EmbedRequest};
 
@@ -113,6 +114,7 @@ impl<'a> Task<'a> {
         &self,
         requested: &str,
         embedding: bool,
+        contract: bool,
     ) -> Result<Vec<Candidate>, TaskError> {
         let named = requested != "auto";
         if named && self.options.prefer.is_empty() {
@@ -161,13 +163,17 @@ impl<'a> Task<'a> {
             budget_bytes: status.memory.budget_bytes,
             overhead: status.overhead_bytes,
         };
-        let list = choice::choose(
+        let mut list = choice::choose(
             &status.catalogue,
             &view,
             &self.options.needs,
             &self.options.prefer,
             embedding,
         );
+        let min_pass_rate = self.ctx.config.borrow().routing.min_pass_rate;
+        if let (true, Some(min)) = (contract, min_pass_rate) {
+            list = choice::demote_unfit(list, min, |model| self.ctx.ledger.recent_pass_rate(model));
+        }
         if list.is_empty() {
             let kind = if embedding {
                 " (an embedding model)"
@@ -312,7 +318,7 @@ impl<'a> Task<'a> {
             let instance = lease.instance_id.clone();
             let result = Box::pin(self.perform(&lease, candidate, work, cold))
                 .await
-                .and_then(|done| self.keep_contract(work, done));
+                .and_then(|done| self.keep_contract(work, done, &candidate.model, cold));
             drop(lease);
             self.handle.set_instance(None);
             let error = match result {
@@ -382,7 +388,14 @@ impl<'a> Task<'a> {
     }
 
     /// A chat's answer checked against its contract: parsed into `json`, or `OutputInvalid`.
-    fn keep_contract(&mut self, work: &Work<'_>, done: Done) -> Result<Done, TaskError> {
+    /// A model's last chance at the contract (`cold`) and every pass are entered in the ledger.
+    fn keep_contract(
+        &mut self,
+        work: &Work<'_>,
+        done: Done,
+        model: &str,
+        cold: bool,
+    ) -> Result<Done, TaskError> {
         let Work::Chat {
             contract: Some(contract),
             ..
@@ -399,7 +412,19 @@ impl<'a> Task<'a> {
             Some((text, TextSource::Message)) => text,
             _ => String::new(),
         };
-        match contract.check(&answer) {
+        let checked = contract.check(&answer);
+        let result = match (&checked, cold) {
+            (Ok(_), false) => Some(ContractResult::PassedFirst),
+            (Ok(_), true) => Some(ContractResult::PassedRetry),
+            (Err(_), true) => Some(ContractResult::Failed),
+            (Err(_), false) => None,
+        };
+        if let Some(result) = result {
+            self.ctx
+                .ledger
+                .append(Record::contract(model, contract.kind(), result));
+        }
+        match checked {
             Ok(value) => Ok(Done::Chat {
                 reply,
                 system,
@@ -495,7 +520,14 @@ pub(super) async fn run_task(
     let embedding = kind == TaskKind::Embed;
     // Boxed: a waiting task's future stays small, the room for running it is taken when it runs.
     let mut run = Box::pin(async {
-        let candidates = task.candidates(model, embedding).await?;
+        let contract = matches!(
+            work,
+            Work::Chat {
+                contract: Some(_),
+                ..
+            }
+        );
+        let candidates = task.candidates(model, embedding, contract).await?;
         task.run(&candidates, &work).await
     });
     let result = bounded(&ctx.stopping, &cancel, deadline, submitted, run.as_mut()).await;

@@ -96,6 +96,7 @@ impl Request {
             | Request::Tasks
             | Request::Sessions(_)
             | Request::Savings(_)
+            | Request::Fitness(_)
             | Request::Metrics
             | Request::Events => Ok(()),
             Request::Cancel(cancel) => non_empty("task_id", &cancel.task_id),

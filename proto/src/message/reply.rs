@@ -73,6 +73,7 @@ pub enum Outcome {
     Cancel(CancelOutcome),
     Sessions(SessionList),
     Savings(SavingsReport),
+    Fitness(FitnessReport),
     Metrics(MetricsText),
     /// A result kind this client does not know yet (from a newer daemon).
     #[serde(other)]
@@ -202,6 +203,32 @@ pub struct ChatOutcome {
     pub contract: Option<ContractReport>,
     #[serde(flatten)]
     pub task: TaskReport,
+}
+
+/// How each model kept its contracts, from the ledger: one row per model and contract kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FitnessReport {
+    /// Seconds covered (absent: everything in the ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_s: Option<u64>,
+    pub models: Vec<FitnessRow>,
+}
+
+/// One model's record on one kind of contract. A task that tried several models counts on
+/// each; `passed_first` + `passed_retry` + `failed` = `tasks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitnessRow {
+    pub model: String,
+    pub kind: ContractKind,
+    pub tasks: u64,
+    /// Kept by the first answer.
+    pub passed_first: u64,
+    /// Kept by the retry at temperature 0.
+    pub passed_retry: u64,
+    /// Broken by both answers.
+    pub failed: u64,
+    /// (`passed_first` + `passed_retry`) / `tasks`.
+    pub pass_rate: f64,
 }
 
 /// The kind of a chat's contract.

@@ -44,11 +44,21 @@ pub enum Request {
     Sessions(SessionsRequest),
     /// What the tasks served locally would have cost at paid prices.
     Savings(SavingsRequest),
+    /// How often each model kept its contracts (schema, choices, JSON object).
+    Fitness(FitnessRequest),
     /// Prometheus metrics, as text.
     Metrics,
     /// Subscribe to what happens in lmsd: loads, unloads, tasks, the backend. Events come until
     /// the client hangs up (or lmsd stops: then a `shutting_down` error ends it).
     Events,
+}
+
+/// `{"type":"fitness", "since":"7d"}`; `since` optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FitnessRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<WireDuration>,
 }
 
 /// `{"type":"savings", "since":"7d", "by":"model"}`; both optional.
