@@ -1,6 +1,7 @@
 //! `lmsd-ctl`: parse the command line, send one request to lmsd, print the answer.
 
 mod calllog;
+mod eval;
 mod exit_codes;
 mod output;
 mod selftest;
@@ -131,6 +132,16 @@ enum Command {
         /// Break down by model, agent (the tasks' --tag) or day.
         #[arg(long, value_name = "model|agent|day")]
         by: Option<SavingsGrouping>,
+    },
+    /// Run a labelled JSONL file on models and compare them: accuracy, contract pass rate,
+    /// p50 latency, tokens, and what it would have cost at the paid prices. Each line is
+    /// {"input": …, "expected": LABEL-OR-JSON, "choices"?: […], "schema"?: {…}, "system"?: …};
+    /// lines run at batch priority and temperature 0.
+    Eval {
+        file: PathBuf,
+        /// Models to compare: a comma-separated list, `all-loaded`, or `all` (every LLM).
+        #[arg(long, value_name = "a,b|all-loaded|all", default_value = "all-loaded")]
+        models: String,
     },
     /// How often each model kept its contracts (--schema, --choices, --json-object): first
     /// try, after the retry, failed; from the ledger, so it survives restarts.
@@ -330,6 +341,7 @@ async fn main() -> ExitCode {
     let mut log = None;
     let request = match cli.command {
         Command::Selftest { model } => return selftest::run(&socket, model, json).await,
+        Command::Eval { file, models } => return eval::run(&socket, &file, &models, json).await,
         Command::Status { watch: true } => return output::watch_status(&socket, json).await,
         Command::Status { watch: false } => Request::Status,
         Command::Events => Request::Events,

@@ -150,7 +150,7 @@ fn size(bytes: u64) -> String {
 
 /// Rows as left-aligned columns under a header.
 #[must_use]
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..header.len())
         .map(|col| {
             rows.iter()

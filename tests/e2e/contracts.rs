@@ -231,3 +231,75 @@ async fn fitness_counts_each_models_contracts_and_sums_across_a_restart() {
     let savings = second.ctl_json(&["savings"]).await;
     assert_eq!(savings["tasks"], 3, "{savings}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_compares_models_on_a_labelled_file_with_exact_figures() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start(&sim.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tickets.jsonl");
+    let labels = json!(["bug", "feature", "question"]);
+    let lines = [
+        json!({"input": "The app crashes when I click save (bug)", "expected": "bug", "choices": labels}),
+        json!({"input": "Please add a feature for dark mode", "expected": "feature", "choices": labels}),
+        json!({"input": "How do I export? question", "expected": "question", "choices": labels}),
+        // The simulator names no label here, so it answers the first: wrong.
+        json!({"input": "Nothing matches here", "expected": "question", "choices": labels}),
+        json!({"input": "Extract: Ada", "expected": {"name": "Simulated text"},
+               "schema": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    let path = file.to_str().unwrap();
+
+    let report = daemon
+        .ctl_json(&["eval", path, "--models", &format!("{GRANITE},{QWEN}")])
+        .await;
+    let rows = report["models"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{report}");
+    for (row, model) in rows.iter().zip([GRANITE, QWEN]) {
+        assert_eq!(row["model"], model);
+        assert_eq!(
+            (&row["lines"], &row["right"]),
+            (&json!(5), &json!(4)),
+            "{row}"
+        );
+        assert_eq!(row["accuracy"], 0.8);
+        assert_eq!(row["contract_pass_rate"], 1.0);
+        // Prompt words + 4 per line (12 + 11 + 9 + 7 + 6); one word per label, two for the JSON.
+        assert_eq!(
+            (&row["input_tokens"], &row["output_tokens"]),
+            (&json!(45), &json!(6))
+        );
+        let usd = row["usd_at_paid_prices"].as_f64().unwrap();
+        assert!(
+            (usd - (45.0 * 3.0 + 6.0 * 15.0) / 1e6).abs() < 1e-12,
+            "{usd}"
+        );
+    }
+    let table = daemon.ctl(&["eval", path, "--models", GRANITE]).await;
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    assert!(
+        table.stdout.contains("4/5") && table.stdout.contains("80%"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table.stderr.contains("eval: 5/5 lines"),
+        "progress: {}",
+        table.stderr
+    );
+
+    std::fs::write(
+        &file,
+        "{\"input\": \"x\", \"expected\": \"a\"}\n{\"input\": \"y\"}\n",
+    )
+    .unwrap();
+    let bad = daemon.ctl(&["eval", path, "--models", GRANITE]).await;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("line 2") && bad.stderr.contains("expected"),
+        "{}",
+        bad.stderr
+    );
+}
