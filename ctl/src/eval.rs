@@ -3,6 +3,7 @@
 //! tokens, and what the same work would have cost at the paid prices — how a user decides what
 //! is safe to offload.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
@@ -39,14 +40,16 @@ impl Case {
         self.schema.is_some() || !self.choices.is_empty()
     }
 
-    fn request(&self, model: &str) -> ChatRequest {
+    fn request(&self, model: &str, settings: &Settings) -> ChatRequest {
         ChatRequest {
             model: model.to_owned(),
             input: self.input.clone(),
             system_prompt: self.system.clone(),
             temperature: Some(0.0),
+            max_output_tokens: settings.max_output_tokens,
             schema: self.schema.clone(),
             choices: self.choices.clone(),
+            check_only: settings.check_only && self.has_contract(),
             options: TaskOptions {
                 priority: Priority::Batch,
                 tag: Some("eval".into()),
@@ -63,6 +66,14 @@ impl Case {
             None => self.expected.as_str() == Some(answer.content.trim()),
         }
     }
+}
+
+/// How every line runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Check the contracts without constraining the engine.
+    pub check_only: bool,
+    pub max_output_tokens: Option<u32>,
 }
 
 /// Reads and checks every line; the first bad one refuses the file, naming its line.
@@ -105,8 +116,9 @@ struct Tally {
     right: u64,
     contract_lines: u64,
     contract_kept: u64,
-    /// Lines that failed for another reason than their answer (the engine, a deadline).
-    errors: u64,
+    /// Lines that failed for another reason than their answer (the engine, a deadline), by
+    /// error code.
+    errors: BTreeMap<String, u64>,
     latencies_ms: Vec<u64>,
     input_tokens: u64,
     output_tokens: u64,
@@ -125,7 +137,10 @@ impl Tally {
                 self.output_tokens += answer.usage.total_output_tokens;
             }
             Err(ClientError::Remote(wire)) if wire.code == ErrorCode::OutputInvalid => {}
-            Err(_) => self.errors += 1,
+            Err(ClientError::Remote(wire)) => {
+                *self.errors.entry(wire.code.to_string()).or_default() += 1
+            }
+            Err(other) => *self.errors.entry(other.to_string()).or_default() += 1,
         }
     }
 
@@ -145,7 +160,8 @@ impl Tally {
             "contract_lines": self.contract_lines,
             "contract_kept": self.contract_kept,
             "contract_pass_rate": share(self.contract_kept, self.contract_lines),
-            "errors": self.errors,
+            "errors": self.errors.values().sum::<u64>(),
+            "errors_by_code": self.errors,
             "p50_ms": self.p50_ms(),
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
@@ -231,7 +247,13 @@ async fn models(client: &mut Client, wanted: &str) -> Result<Vec<String>, String
     }
 }
 
-pub async fn run(socket: &Path, file: &Path, wanted: &str, json: bool) -> ExitCode {
+pub async fn run(
+    socket: &Path,
+    file: &Path,
+    wanted: &str,
+    settings: Settings,
+    json: bool,
+) -> ExitCode {
     let cases = match read_cases(file) {
         Ok(cases) => Arc::new(cases),
         Err(error) => {
@@ -276,7 +298,8 @@ pub async fn run(socket: &Path, file: &Path, wanted: &str, json: bool) -> ExitCo
                     (cases.clone(), socket.to_owned(), model.clone(), next);
                 running.spawn(async move {
                     let mut client = Client::connect(&socket).await?;
-                    let answer = client.chat(cases[index].request(&model), |_| {}).await;
+                    let request = cases[index].request(&model, &settings);
+                    let answer = client.chat(request, |_| {}).await;
                     Ok::<_, ClientError>((index, answer))
                 });
                 next += 1;

@@ -142,6 +142,13 @@ enum Command {
         /// Models to compare: a comma-separated list, `all-loaded`, or `all` (every LLM).
         #[arg(long, value_name = "a,b|all-loaded|all", default_value = "all-loaded")]
         models: String,
+        /// Check each line's contract without constraining the engine to it: how the bare
+        /// models do.
+        #[arg(long)]
+        check_only: bool,
+        /// Stop each answer at this many tokens (a bare model may ramble to its context's end).
+        #[arg(long)]
+        max_output_tokens: Option<u32>,
     },
     /// How often each model kept its contracts (--schema, --choices, --json-object): first
     /// try, after the retry, failed; from the ledger, so it survives restarts.
@@ -238,6 +245,9 @@ struct ChatArgs {
     /// Contract: the answer must be a JSON object; the JSON alone is printed.
     #[arg(long, conflicts_with = "stream")]
     json_object: bool,
+    /// Check the contract without constraining the engine to it (how the bare model does).
+    #[arg(long)]
+    check_only: bool,
     /// Print the answer as it is generated.
     #[arg(long)]
     stream: bool,
@@ -306,6 +316,7 @@ impl ChatArgs {
             schema,
             choices: self.choices,
             json_object: self.json_object,
+            check_only: self.check_only,
             options: TaskOptions {
                 priority: self.queue.priority,
                 timeout: self.queue.timeout,
@@ -341,7 +352,18 @@ async fn main() -> ExitCode {
     let mut log = None;
     let request = match cli.command {
         Command::Selftest { model } => return selftest::run(&socket, model, json).await,
-        Command::Eval { file, models } => return eval::run(&socket, &file, &models, json).await,
+        Command::Eval {
+            file,
+            models,
+            check_only,
+            max_output_tokens,
+        } => {
+            let settings = eval::Settings {
+                check_only,
+                max_output_tokens,
+            };
+            return eval::run(&socket, &file, &models, settings, json).await;
+        }
         Command::Status { watch: true } => return output::watch_status(&socket, json).await,
         Command::Status { watch: false } => Request::Status,
         Command::Events => Request::Events,

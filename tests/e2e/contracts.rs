@@ -303,3 +303,36 @@ async fn eval_compares_models_on_a_labelled_file_with_exact_figures() {
         bad.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_only_checks_the_answer_without_constraining_the_engine() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start(&sim.url()).await;
+    // The native chat answers prose, which no schema takes: checked, and refused.
+    let out = daemon
+        .ctl(&[
+            "chat",
+            GRANITE,
+            "Ada, 36",
+            "--schema",
+            PERSON,
+            "--check-only",
+            "--session",
+            "s",
+        ])
+        .await;
+    assert_eq!(out.code, 17, "{}", out.stderr);
+    assert_eq!(sim.stats().completions, 0, "not constrained");
+    assert_eq!(
+        sim.stats().chat_requests,
+        2,
+        "the native chat, with its retry"
+    );
+    let alone = daemon.ctl(&["chat", GRANITE, "hi", "--check-only"]).await;
+    assert_eq!(alone.code, 4, "{}", alone.stderr);
+    assert!(
+        alone.stderr.contains("needs a contract"),
+        "{}",
+        alone.stderr
+    );
+}

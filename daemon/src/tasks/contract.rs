@@ -131,7 +131,8 @@ impl Contract {
                     Ok(Value::String(label))
                 } else {
                     Err(vec![format!(
-                        "{label:?} is not one of the choices ({})",
+                        "{:?} is not one of the choices ({})",
+                        clipped(&label),
                         choices.join(", ")
                     )])
                 }
@@ -166,6 +167,15 @@ impl Contract {
                 }
             }
         }
+    }
+}
+
+/// The start of a long answer, for a problem's message (the whole answer is beside it).
+fn clipped(text: &str) -> String {
+    const SHOWN: usize = 60;
+    match text.char_indices().nth(SHOWN) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
     }
 }
 
@@ -265,6 +275,8 @@ mod tests {
         let off = labels.check("question").unwrap_err();
         assert!(off[0].contains("\"question\" is not one of the choices (bug, feature)"));
         assert!(labels.check("Bug").is_err(), "labels are exact");
+        let rambling = labels.check(&"positive and more ".repeat(100)).unwrap_err();
+        assert!(rambling[0].len() < 150, "{rambling:?}");
     }
 
     #[test]

@@ -337,9 +337,17 @@ async fn run_chat(
     cancel: CancellationToken,
 ) -> Result<ChatOutcome, TaskError> {
     let contract = Contract::of(request).map_err(TaskError::BadRequest)?;
+    if request.check_only && contract.is_none() {
+        return Err(TaskError::BadRequest(
+            "check_only needs a contract to check: schema, choices or json_object".into(),
+        ));
+    }
     if let Some(contract) = &contract {
-        ctx.backend
-            .accept_contract(request.session.is_some() || request.previous_response_id.is_some())?;
+        if !request.check_only {
+            ctx.backend.accept_contract(
+                request.session.is_some() || request.previous_response_id.is_some(),
+            )?;
+        }
         if request.stream {
             return Err(TaskError::BadRequest(format!(
                 "a chat with a {} contract is checked whole before it is answered, so it cannot stream: leave stream out",

@@ -57,7 +57,9 @@ impl Task<'_> {
                     store: chat.store || chat.session.is_some() || continues.is_some(),
                     previous_response_id: continues.map(|c| c.response_id),
                     stream: chat.stream,
-                    schema: contract.map(|c| c.engine_schema().clone()),
+                    schema: contract
+                        .filter(|_| !chat.check_only)
+                        .map(|c| c.engine_schema().clone()),
                 };
                 let reply = if chat.stream {
                     let mut first_token = true;

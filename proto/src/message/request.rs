@@ -262,6 +262,11 @@ pub struct ChatRequest {
     /// Contract: the answer is a JSON object.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub json_object: bool,
+    /// Check the contract without constraining the engine to it: how the bare model does, or
+    /// an engine whose constrained output is broken. On LM Studio such a chat stays on the
+    /// native chat, sessions included.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_only: bool,
     #[serde(default, flatten)]
     pub options: TaskOptions,
 }
