@@ -157,9 +157,29 @@ fn answer(format: &Format, prompt: &str, instance_id: &str, fault: Option<&Fault
             let text = value.to_string();
             text[..text.len() / 2].to_owned()
         }
-        Some(Fault::OffLabel) if schema.get("enum").is_some() => "\"none of these\"".into(),
-        Some(Fault::OffLabel) => "null".into(),
+        Some(Fault::OffLabel) => off_label(schema, value).to_string(),
         _ => value.to_string(),
+    }
+}
+
+/// `value` with its label (a top-level `enum`, or the first property with one) replaced by one
+/// the schema does not list; `null` when the schema has no labels.
+fn off_label(schema: &Value, mut value: Value) -> Value {
+    let unlisted = json!("none of these");
+    if schema.get("enum").is_some() {
+        return unlisted;
+    }
+    let labelled = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .and_then(|p| p.iter().find(|(_, s)| s.get("enum").is_some()))
+        .map(|(name, _)| name.clone());
+    match (labelled, value.as_object_mut()) {
+        (Some(name), Some(object)) => {
+            object.insert(name, unlisted);
+            value
+        }
+        _ => Value::Null,
     }
 }
 

@@ -129,7 +129,7 @@ async fn a_broken_answer_is_retried_once_cold_then_moves_to_the_next_model_then_
     assert_eq!(error["error"]["code"], "output_invalid");
     assert_eq!(
         error["error"]["invalid_output"]["output"],
-        "\"none of these\""
+        r#"{"label":"none of these"}"#
     );
     let problems = error["error"]["invalid_output"]["errors"].to_string();
     assert!(

@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 /// The most labels a `choices` contract may have.
 pub const MAX_CHOICES: usize = 256;
+/// The one key of the object a constrained engine answers a `choices` contract with.
+const LABEL: &str = "label";
 /// Problems reported of one answer, at most: the rest are counted.
 const MAX_PROBLEMS: usize = 10;
 
@@ -97,9 +99,16 @@ impl Contract {
                 return Err(format!("the choice {label:?} is given twice"));
             }
         }
+        // An object around the label: OpenAI's strict schemas must be objects at the root, and
+        // whether every engine that copies it takes a bare `enum` is not known.
         Ok(Contract {
             rule: Rule::Choices(choices.to_vec()),
-            engine_schema: json!({"type": "string", "enum": choices}),
+            engine_schema: json!({
+                "type": "object",
+                "properties": {LABEL: {"type": "string", "enum": choices}},
+                "required": [LABEL],
+                "additionalProperties": false,
+            }),
         })
     }
 
@@ -122,8 +131,15 @@ impl Contract {
         let text = unfenced(answer);
         match &self.rule {
             Rule::Choices(choices) => {
-                // Constrained, the label arrives as a JSON string; unconstrained, often bare.
+                // Constrained, the label arrives as `{"label": …}`; unconstrained, as a JSON
+                // string or bare.
                 let label = match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Object(mut object)) if object.len() == 1 => {
+                        match object.remove(LABEL) {
+                            Some(Value::String(label)) => label,
+                            _ => text.to_owned(),
+                        }
+                    }
                     Ok(Value::String(label)) => label,
                     _ => text.to_owned(),
                 };
@@ -269,7 +285,12 @@ mod tests {
     #[test]
     fn labels_come_quoted_or_bare_and_nothing_else_passes() {
         let labels = contract(|c| c.choices = vec!["bug".into(), "feature".into()]);
-        assert_eq!(labels.engine_schema()["enum"], json!(["bug", "feature"]));
+        assert_eq!(
+            labels.engine_schema()["properties"]["label"]["enum"],
+            json!(["bug", "feature"])
+        );
+        assert_eq!(labels.check(r#"{"label": "bug"}"#), Ok(json!("bug")));
+        assert!(labels.check(r#"{"label": "other"}"#).is_err());
         assert_eq!(labels.check("\"bug\""), Ok(json!("bug")));
         assert_eq!(labels.check(" feature\n"), Ok(json!("feature")));
         let off = labels.check("question").unwrap_err();
