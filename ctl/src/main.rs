@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use lmsd_proto::{
     CancelRequest, ChatRequest, Client, ClientError, EmbedRequest, Event, FitnessRequest,
     LoadRequest, LoadSettings, Needs, PinRequest, Priority, Request, SavingsGrouping,
-    SavingsRequest, SessionsRequest, TaskOptions, Ttl, UnloadRequest, WireDuration,
+    SavingsRequest, SessionsRequest, TaskOptions, Ttl, UnloadRequest, WireDuration, WireError,
 };
 
 /// Command line for lmsd, the LM Studio lifecycle daemon: run tasks on local models, manage
@@ -339,6 +339,15 @@ fn fail(error: &ClientError, json: bool) -> ExitCode {
         }
     }
     eprintln!("lmsd-ctl: {error}");
+    if let ClientError::Remote(WireError {
+        invalid_output: Some(invalid),
+        ..
+    }) = error
+    {
+        for problem in &invalid.errors {
+            eprintln!("  {problem}");
+        }
+    }
     ExitCode::from(exit_codes::for_error(error))
 }
 

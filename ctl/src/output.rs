@@ -83,7 +83,11 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
                 .map(|row| {
                     vec![
                         row.model.clone(),
-                        row.kind.to_string(),
+                        if row.constrained {
+                            row.kind.to_string()
+                        } else {
+                            format!("{} (unconstrained)", row.kind)
+                        },
                         row.tasks.to_string(),
                         row.passed_first.to_string(),
                         row.passed_retry.to_string(),

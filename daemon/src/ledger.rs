@@ -40,7 +40,7 @@ pub struct Record {
 impl Record {
     /// A contract's result on `model`: what `fitness` counts (no tokens: the task's own record
     /// has them).
-    pub fn contract(model: &str, kind: ContractKind, result: ContractResult) -> Record {
+    pub fn contract(model: &str, check: ContractCheck) -> Record {
         Record {
             time: now_s(),
             kind: "contract".into(),
@@ -51,8 +51,8 @@ impl Record {
             queued_ms: 0,
             load_ms: 0,
             total_ms: 0,
-            outcome: result.as_str().into(),
-            contract: Some(ContractCheck { kind, result }),
+            outcome: check.result.as_str().into(),
+            contract: Some(check),
         }
     }
 }
@@ -61,6 +61,14 @@ impl Record {
 pub struct ContractCheck {
     pub kind: ContractKind,
     pub result: ContractResult,
+    /// False for `check_only`: the engine was not held to the contract. Such results show
+    /// apart in `fitness`, and do not count towards `min_pass_rate`.
+    #[serde(default = "constrained_by_default")]
+    pub constrained: bool,
+}
+
+fn constrained_by_default() -> bool {
+    true
 }
 
 /// How one model did on one task's contract.
@@ -314,23 +322,24 @@ impl Ledger {
 
     /// Contract results per model and kind over the last `since` (or all).
     pub fn fitness(&self, since: Option<Duration>) -> FitnessReport {
-        let mut rows: BTreeMap<(String, ContractKind), [u64; 3]> = BTreeMap::new();
+        let mut rows: BTreeMap<(String, ContractKind, bool), [u64; 3]> = BTreeMap::new();
         self.flush();
         self.each_record(since_time(since), |record| {
             if let Some(check) = record.contract {
-                let counts = rows.entry((record.model, check.kind)).or_default();
-                counts[check.result as usize] += 1;
+                let key = (record.model, check.kind, check.constrained);
+                rows.entry(key).or_default()[check.result as usize] += 1;
             }
         });
         FitnessReport {
             since_s: since.map(|d| d.as_secs()),
             models: rows
                 .into_iter()
-                .map(|((model, kind), [first, retry, failed])| {
+                .map(|((model, kind, constrained), [first, retry, failed])| {
                     let tasks = first + retry + failed;
                     FitnessRow {
                         model,
                         kind,
+                        constrained,
                         tasks,
                         passed_first: first,
                         passed_retry: retry,
@@ -369,7 +378,7 @@ fn since_time(since: Option<Duration>) -> f64 {
 
 /// Adds a contract record's result to its model's recent window.
 fn remember(recent: &mut HashMap<String, VecDeque<bool>>, record: &Record) {
-    let Some(check) = record.contract else {
+    let Some(check) = record.contract.filter(|c| c.constrained) else {
         return;
     };
     let results = recent.entry(record.model.clone()).or_default();

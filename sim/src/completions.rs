@@ -155,7 +155,8 @@ fn answer(format: &Format, prompt: &str, instance_id: &str, fault: Option<&Fault
         Some(Fault::Fenced) => format!("```json\n{value}\n```"),
         Some(Fault::InvalidJson) => {
             let text = value.to_string();
-            text[..text.len() / 2].to_owned()
+            let half = text.chars().count() / 2;
+            text.chars().take(half).collect()
         }
         Some(Fault::OffLabel) => off_label(schema, value).to_string(),
         _ => value.to_string(),

@@ -140,6 +140,34 @@ async fn a_broken_answer_is_retried_once_cold_then_moves_to_the_next_model_then_
         !daemon.logs().contains("none of these"),
         "an answer never reaches the log"
     );
+
+    // A schema's problems quote the answer: they stay in invalid_output, out of the message,
+    // and so out of a --log file written without --log-content.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.jsonl");
+    let kinds = r#"{"type":"object","properties":{"kind":{"enum":["a","b"]}},"required":["kind"]}"#;
+    let off = daemon
+        .ctl(&[
+            "chat",
+            GRANITE,
+            "Ada",
+            "--schema",
+            kinds,
+            "--log",
+            log.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(off.code, 17, "{}", off.stderr);
+    assert!(
+        off.stderr.contains("none of these"),
+        "the problems, to the user: {}",
+        off.stderr
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("output_invalid") && !logged.contains("none of these"),
+        "{logged}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,6 +184,7 @@ async fn contracts_that_cannot_be_kept_are_refused_before_the_task_queues() {
             vec!["--schema", PERSON, "--session", "s"],
             "keeps no conversation",
         ),
+        (vec!["--json-object", "--store"], "keeps no conversation"),
     ] {
         let out = daemon
             .ctl(&[&["chat", GRANITE, "hello"][..], &args].concat())
@@ -328,6 +357,10 @@ async fn check_only_checks_the_answer_without_constraining_the_engine() {
         2,
         "the native chat, with its retry"
     );
+    // Apart in fitness, as the bare model's record.
+    let fitness = daemon.ctl_json(&["fitness"]).await;
+    assert_eq!(fitness["models"][0]["constrained"], false, "{fitness}");
+    assert_eq!(fitness["models"][0]["failed"], 1, "{fitness}");
     let alone = daemon.ctl(&["chat", GRANITE, "hi", "--check-only"]).await;
     assert_eq!(alone.code, 4, "{}", alone.stderr);
     assert!(

@@ -82,12 +82,12 @@ impl Backend {
     }
 
     /// Whether a chat with a contract can run here. LM Studio constrains answers only on its
-    /// stateless `/v1/chat/completions`, so there a contract cannot continue a conversation;
-    /// llama-server's conversations are lmsd's own, and go on with any chat.
-    pub fn accept_contract(&self, continues: bool) -> Result<(), BackendError> {
+    /// stateless `/v1/chat/completions`, so there a contract cannot continue or keep a
+    /// conversation; llama-server's conversations are lmsd's own, and go on with any chat.
+    pub fn accept_contract(&self, conversation: bool) -> Result<(), BackendError> {
         match self {
-            Backend::LmStudio(_) if continues => Err(BackendError::Unsupported {
-                what: "a chat with a contract (schema, choices, json_object) runs on LM Studio's /v1/chat/completions, which keeps no conversation: send it without session or previous_response_id".into(),
+            Backend::LmStudio(_) if conversation => Err(BackendError::Unsupported {
+                what: "a chat with a contract (schema, choices, json_object) runs on LM Studio's /v1/chat/completions, which keeps no conversation: send it without session, previous_response_id or store (or with check_only, unconstrained)".into(),
             }),
             _ => Ok(()),
         }

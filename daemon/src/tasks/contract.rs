@@ -63,7 +63,7 @@ impl Contract {
                 "the schema is {size} bytes of JSON; lmsd takes schemas of up to {MAX_SCHEMA_BYTES}"
             ));
         }
-        if !schema.is_object() && !schema.is_boolean() {
+        if !schema.is_object() {
             return Err(
                 "the schema must be a JSON Schema: an object such as {\"type\":\"object\", …}"
                     .into(),
@@ -323,6 +323,7 @@ mod tests {
                 .contains("not a valid JSON Schema")
         );
         assert!(refused(|c| c.schema = Some(json!("object"))).contains("must be a JSON Schema"));
+        assert!(refused(|c| c.schema = Some(json!(false))).contains("must be a JSON Schema"));
         let big: Vec<String> = (0..MAX_SCHEMA_BYTES / 8)
             .map(|n| format!("v{n:06}"))
             .collect();

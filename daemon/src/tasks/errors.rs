@@ -92,7 +92,8 @@ impl TaskError {
             problems, output, ..
         } = self
         {
-            wire.message = format!("{}: {}", wire.message, problems.join("; "));
+            // Not in the message: problems quote the answer, and messages reach logs (the
+            // client's `--log` file among them).
             wire.invalid_output = Some(Box::new(InvalidOutput {
                 errors: problems.clone(),
                 output: output.clone(),

@@ -345,7 +345,9 @@ async fn run_chat(
     if let Some(contract) = &contract {
         if !request.check_only {
             ctx.backend.accept_contract(
-                request.session.is_some() || request.previous_response_id.is_some(),
+                request.session.is_some()
+                    || request.previous_response_id.is_some()
+                    || request.store,
             )?;
         }
         if request.stream {

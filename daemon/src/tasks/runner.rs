@@ -17,7 +17,7 @@ use super::sessions::SystemPrompt;
 use super::work::context_needed;
 use super::{millis, Context, EventSink, TaskError};
 use crate::backend::{BackendError, ChatReply, TextSource};
-use crate::ledger::{ContractResult, Record};
+use crate::ledger::{ContractCheck, ContractResult, Record};
 use crate::pool::{AcquireRequest, Lease, PoolError, PoolProgress, Progress};
 use lmsd_proto::{ChatRequest, EmbedRequest};
 
@@ -293,6 +293,7 @@ impl<'a> Task<'a> {
         let mut transient_tries = 0;
         // After an answer broke its contract, the one retry on this model runs at temperature 0.
         let mut cold = false;
+        let already_cold = matches!(work, Work::Chat { chat, .. } if chat.temperature == Some(0.0));
         let mut unreachable_since = None;
         let outage_wait = self.ctx.config.borrow().tasks.outage_wait;
         let mut reloaded = false;
@@ -318,7 +319,14 @@ impl<'a> Task<'a> {
             let instance = lease.instance_id.clone();
             let result = Box::pin(self.perform(&lease, candidate, work, cold))
                 .await
-                .and_then(|done| self.keep_contract(work, done, &candidate.model, cold));
+                .and_then(|done| {
+                    let attempt = ContractAttempt {
+                        model: &candidate.model,
+                        retry: cold,
+                        last: cold || already_cold,
+                    };
+                    self.keep_contract(work, done, attempt)
+                });
             drop(lease);
             self.handle.set_instance(None);
             let error = match result {
@@ -338,7 +346,8 @@ impl<'a> Task<'a> {
                 unreachable_since.get_or_insert_with(Instant::now);
             }
             match &error {
-                TaskError::OutputInvalid { .. } if !cold => {
+                // Already at temperature 0, the same request would get the same answer.
+                TaskError::OutputInvalid { .. } if !cold && !already_cold => {
                     cold = true;
                     tracing::info!(task = %self.handle.id, model = %candidate.model, "the answer broke its contract; asking once more at temperature 0");
                 }
@@ -388,17 +397,16 @@ impl<'a> Task<'a> {
     }
 
     /// A chat's answer checked against its contract: parsed into `json`, or `OutputInvalid`.
-    /// A model's last chance at the contract (`cold`) and every pass are entered in the ledger.
+    /// A model's last chance at the contract and every pass are entered in the ledger.
     fn keep_contract(
         &mut self,
         work: &Work<'_>,
         done: Done,
-        model: &str,
-        cold: bool,
+        attempt: ContractAttempt<'_>,
     ) -> Result<Done, TaskError> {
         let Work::Chat {
+            chat,
             contract: Some(contract),
-            ..
         } = work
         else {
             return Ok(done);
@@ -413,16 +421,21 @@ impl<'a> Task<'a> {
             _ => String::new(),
         };
         let checked = contract.check(&answer);
-        let result = match (&checked, cold) {
-            (Ok(_), false) => Some(ContractResult::PassedFirst),
-            (Ok(_), true) => Some(ContractResult::PassedRetry),
-            (Err(_), true) => Some(ContractResult::Failed),
-            (Err(_), false) => None,
+        let result = match (&checked, attempt.retry, attempt.last) {
+            (Ok(_), false, _) => Some(ContractResult::PassedFirst),
+            (Ok(_), true, _) => Some(ContractResult::PassedRetry),
+            (Err(_), _, true) => Some(ContractResult::Failed),
+            (Err(_), _, false) => None,
         };
         if let Some(result) = result {
+            let check = ContractCheck {
+                kind: contract.kind(),
+                result,
+                constrained: !chat.check_only,
+            };
             self.ctx
                 .ledger
-                .append(Record::contract(model, contract.kind(), result));
+                .append(Record::contract(attempt.model, check));
         }
         match checked {
             Ok(value) => Ok(Done::Chat {
@@ -443,6 +456,15 @@ impl<'a> Task<'a> {
         self.report.total_ms = millis(self.submitted.elapsed());
         self.report
     }
+}
+
+/// Which answer of a model a contract check is about.
+struct ContractAttempt<'a> {
+    model: &'a str,
+    /// The retry at temperature 0.
+    retry: bool,
+    /// No retry follows on this model.
+    last: bool,
 }
 
 /// A waiting task's queue positions and loads, told to its client as events.

@@ -220,6 +220,8 @@ pub struct FitnessReport {
 pub struct FitnessRow {
     pub model: String,
     pub kind: ContractKind,
+    /// False for `check_only` tasks: the bare model, not held to the contract by the engine.
+    pub constrained: bool,
     pub tasks: u64,
     /// Kept by the first answer.
     pub passed_first: u64,
