@@ -313,7 +313,13 @@ pub async fn run(
                     progress.finish();
                     return fail(&error);
                 }
-                Some(Err(_)) | None => {}
+                // A line whose worker died still counts, as an error, so the sums add up.
+                Some(Err(error)) => {
+                    tally.lines += 1;
+                    *tally.errors.entry(format!("lost: {error}")).or_default() += 1;
+                    progress.step(model);
+                }
+                None => {}
             }
         }
         rows.push(tally.json(model, prices));

@@ -369,3 +369,22 @@ async fn check_only_checks_the_answer_without_constraining_the_engine() {
         alone.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tries_a_model_below_min_pass_rate_last() {
+    let sim = start_sim(SimConfig::zero_delay()).await;
+    let daemon = TestDaemon::start_with(&sim.url(), "[routing]\nmin_pass_rate = 0.8\n", &[]).await;
+    daemon.ctl_json(&["load", GRANITE]).await;
+    daemon.ctl_json(&["load", QWEN]).await;
+    let labels = ["chat", "auto", "a bug", "--choices", "bug,feature"];
+    // Five tasks that granite, chosen first, fails twice each and qwen then keeps.
+    for _ in 0..5 {
+        sim.inject(Route::Completions, Fault::OffLabel, Times::N(2));
+        let kept = daemon.ctl_json(&labels).await;
+        assert_eq!(kept["model"], QWEN, "{kept}");
+    }
+    // Judged now (five results, none kept): granite goes last though it would answer well.
+    let next = daemon.ctl_json(&labels).await;
+    assert_eq!(next["model"], QWEN, "{next}");
+    assert_eq!(next["contract"]["attempts"], 1, "{next}");
+}
