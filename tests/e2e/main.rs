@@ -6,6 +6,7 @@
 mod contracts;
 mod fidelity;
 mod front_door;
+mod mcp;
 mod pool;
 mod real_engine;
 mod reliability;

@@ -568,7 +568,11 @@ async fn gemma_keeps_a_schema_a_choice_and_a_json_object_under_constraint() {
     ))
     .await;
     assert!(object["json"].is_object(), "{object}");
-    let any = run(ask("Describe the sea as a JSON object.", &["--json-object"])).await;
+    let any = run(ask(
+        "Describe the sea as a JSON object.",
+        &["--json-object"],
+    ))
+    .await;
     assert!(any["json"].is_object(), "{any}");
     assert_eq!(any["contract"]["kind"], "json_object");
 }

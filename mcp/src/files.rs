@@ -1,0 +1,172 @@
+//! The files a `local_task` names, read by `lmsd-mcp` itself so that their contents never pass
+//! through the agent's context: paths or globs, confined to the allowed roots (symlinks out of
+//! them refused), text only, bounded per file and in total.
+
+use std::path::{Path, PathBuf};
+
+/// Where files may be read from, and how much.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Canonical directories; a file must resolve inside one.
+    pub roots: Vec<PathBuf>,
+    /// Bytes per file, and in total per task.
+    pub max_bytes: u64,
+}
+
+/// A file read for a task.
+#[derive(Debug)]
+pub struct Read {
+    pub path: String,
+    pub text: String,
+}
+
+impl Access {
+    /// Every file the patterns name, in order (a glob's matches sorted), each once.
+    pub fn read_all(&self, patterns: &[String]) -> Result<Vec<Read>, String> {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for pattern in patterns {
+            let matched = self.expand(pattern)?;
+            for path in matched {
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+        }
+        let mut total = 0u64;
+        let mut read = Vec::with_capacity(paths.len());
+        for path in paths {
+            let text = self.read_one(&path)?;
+            total += text.len() as u64;
+            if total > self.max_bytes {
+                return Err(format!(
+                    "the files come to more than {} bytes together (at {}); name fewer, or start lmsd-mcp with a larger --max-file-bytes",
+                    self.max_bytes,
+                    path.display()
+                ));
+            }
+            read.push(Read {
+                path: path.display().to_string(),
+                text,
+            });
+        }
+        Ok(read)
+    }
+
+    fn expand(&self, pattern: &str) -> Result<Vec<PathBuf>, String> {
+        let absolute = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                self.roots
+                    .first()
+                    .map_or_else(|| p.to_owned(), |root| root.join(p))
+            }
+        };
+        if !pattern.contains(['*', '?', '[']) {
+            return Ok(vec![absolute(Path::new(pattern))]);
+        }
+        let full = absolute(Path::new(pattern));
+        let mut found: Vec<PathBuf> = glob::glob(&full.to_string_lossy())
+            .map_err(|e| format!("{pattern:?} is not a valid glob: {e}"))?
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            return Err(format!("no file matches {pattern:?}"));
+        }
+        Ok(found)
+    }
+
+    fn read_one(&self, path: &Path) -> Result<String, String> {
+        let shown = path.display();
+        let real = path
+            .canonicalize()
+            .map_err(|e| format!("cannot read {shown}: {e}"))?;
+        if !self.roots.iter().any(|root| real.starts_with(root)) {
+            return Err(format!(
+                "{shown} is outside the directories lmsd-mcp may read ({}); start it with --allow-dir to add one",
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let size = real
+            .metadata()
+            .map_err(|e| format!("cannot read {shown}: {e}"))?
+            .len();
+        if size > self.max_bytes {
+            return Err(format!(
+                "{shown} is {size} bytes, over the {} lmsd-mcp reads per file (--max-file-bytes)",
+                self.max_bytes
+            ));
+        }
+        let bytes = std::fs::read(&real).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        String::from_utf8(bytes).map_err(|_| {
+            format!("{shown} is not a text file (not UTF-8); only text files are sent")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(dir: &Path, max_bytes: u64) -> Access {
+        Access {
+            roots: vec![dir.canonicalize().unwrap()],
+            max_bytes,
+        }
+    }
+
+    #[test]
+    fn files_are_read_inside_the_roots_only_and_within_bounds() {
+        let inside = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(inside.path().join("a.txt"), "alpha").unwrap();
+        std::fs::write(inside.path().join("b.txt"), "beta").unwrap();
+        std::fs::write(inside.path().join("bin"), [0xff, 0xfe]).unwrap();
+        std::fs::write(outside.path().join("secret.txt"), "no").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.txt"),
+            inside.path().join("link.txt"),
+        )
+        .unwrap();
+        let access = access(inside.path(), 16);
+
+        let read = access.read_all(&["*.txt".into()]).unwrap_err();
+        assert!(
+            read.contains("outside"),
+            "the glob takes the symlink too: {read}"
+        );
+        let read = access.read_all(&["a.txt".into(), "b*.txt".into()]).unwrap();
+        let names: Vec<&str> = read.iter().map(|r| r.text.as_str()).collect();
+        assert_eq!(names, ["alpha", "beta"]);
+
+        let escape = outside.path().join("secret.txt");
+        let refused = access
+            .read_all(&[escape.display().to_string()])
+            .unwrap_err();
+        assert!(refused.contains("outside the directories"), "{refused}");
+        assert!(access
+            .read_all(&["bin".into()])
+            .unwrap_err()
+            .contains("not a text file"));
+        std::fs::write(inside.path().join("big.md"), "x".repeat(17)).unwrap();
+        assert!(access
+            .read_all(&["big.md".into()])
+            .unwrap_err()
+            .contains("over the 16"));
+        std::fs::write(inside.path().join("c.md"), "12345678").unwrap();
+        let together = access
+            .read_all(&["a.txt".into(), "b.txt".into(), "c.md".into()])
+            .unwrap_err();
+        assert!(together.contains("together"), "{together}");
+        assert!(access
+            .read_all(&["none*.md".into()])
+            .unwrap_err()
+            .contains("no file matches"));
+    }
+}
