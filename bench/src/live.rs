@@ -136,7 +136,7 @@ pub async fn start_sim() -> Result<Simulator, String> {
         .map_err(|e| e.to_string())
 }
 
-fn chat_request() -> Request {
+pub fn chat_request() -> Request {
     Request::Chat(ChatRequest {
         model: MODEL.into(),
         input: "Summarise: the quick brown fox".into(),
@@ -145,7 +145,7 @@ fn chat_request() -> Request {
 }
 
 /// One chat through lmsd; a typed error from lmsd fails the measurement.
-async fn chat_through(client: &mut Client, request: Request) -> Result<(), String> {
+pub async fn chat_through(client: &mut Client, request: Request) -> Result<(), String> {
     client
         .call(request, |_| {})
         .await

@@ -4,6 +4,7 @@
 
 mod engine;
 mod live;
+mod mcp;
 mod replay;
 
 use std::path::PathBuf;
@@ -14,7 +15,8 @@ use clap::Parser;
 use serde_json::json;
 
 /// Measures lmsd: P1 dispatch overhead, P2 throughput, P3 memory, P4 pool policy quality,
-/// P5 start-up and CLI time. Build first: `cargo build --release --bins`.
+/// P5 start-up and CLI time, P6 the front door, P7 lmsd-mcp. Build first: `cargo build
+/// --release --bins`.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -162,6 +164,12 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
         "  socket {:>8.1} us   HTTP {:>8.1} us   HTTP adds {:>6.1} us\n",
         p6.socket.p50_us, p6.http.p50_us, p6.http_minus_socket_p50_us
     );
+    let p7 = mcp::p7(&daemon, p1_samples.min(500)).await?;
+    println!("P7 MCP: the same chat via lmsd-mcp's local_task and via the socket (p50)");
+    println!(
+        "  socket {:>8.1} us   MCP {:>8.1} us   MCP adds {:>6.1} us\n",
+        p7.socket.p50_us, p7.mcp.p50_us, p7.mcp_minus_socket_p50_us
+    );
     drop(daemon);
 
     let p3 = live::p3(&sim, conns, tasks_each, idle_window).await?;
@@ -262,6 +270,6 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
         verdict(p5.ctl_status_wall.p50_us <= 5_000.0)
     );
     Ok(
-        json!({ "p1": p1, "p1_llama_server": p1_engine.map(|(_, p1)| p1), "p2": p2, "p3": p3, "p4": p4, "p5": p5, "p6": p6, "quick": args.quick, "seed": args.seed }),
+        json!({ "p1": p1, "p1_llama_server": p1_engine.map(|(_, p1)| p1), "p2": p2, "p3": p3, "p4": p4, "p5": p5, "p6": p6, "p7": p7, "quick": args.quick, "seed": args.seed }),
     )
 }
