@@ -110,6 +110,37 @@ impl Access {
     }
 }
 
+/// The path of a `file://` URI (an MCP root), percent-escapes decoded; `None` for others.
+pub fn path_of_file_uri(uri: &str) -> Option<PathBuf> {
+    let rest = uri.strip_prefix("file://")?;
+    // `file://host/path`: only the local host (empty or `localhost`) is a path here.
+    let path = rest.strip_prefix("localhost").unwrap_or(rest);
+    if !path.starts_with('/') {
+        return None;
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).ok().map(PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +150,20 @@ mod tests {
             roots: vec![dir.canonicalize().unwrap()],
             max_bytes,
         }
+    }
+
+    #[test]
+    fn file_uris_become_paths() {
+        assert_eq!(
+            path_of_file_uri("file:///home/ada/my%20project"),
+            Some(PathBuf::from("/home/ada/my project"))
+        );
+        assert_eq!(
+            path_of_file_uri("file://localhost/tmp"),
+            Some(PathBuf::from("/tmp"))
+        );
+        assert_eq!(path_of_file_uri("file://server/share"), None);
+        assert_eq!(path_of_file_uri("https://example.com/x"), None);
     }
 
     #[test]

@@ -18,8 +18,8 @@ struct Args {
     /// lmsd's socket [default: $XDG_RUNTIME_DIR/lmsd/lmsd.sock].
     #[arg(long, env = "LMSD_SOCKET", value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// A directory `local_task` may read files from, besides the one lmsd-mcp started in;
-    /// repeatable.
+    /// A directory `local_task` may read files from, besides the client's MCP roots (or, when
+    /// it names none, the directory lmsd-mcp started in); repeatable.
     #[arg(long, value_name = "DIR")]
     allow_dir: Vec<PathBuf>,
     /// Bytes read per file, and per task in total.
@@ -33,10 +33,10 @@ async fn main() -> ExitCode {
     let socket = args
         .socket
         .unwrap_or_else(lmsd_proto::paths::default_socket_path);
-    let mut roots = Vec::new();
-    for dir in std::env::current_dir().into_iter().chain(args.allow_dir) {
+    let mut allowed = Vec::new();
+    for dir in args.allow_dir {
         match dir.canonicalize() {
-            Ok(root) => roots.push(root),
+            Ok(root) => allowed.push(root),
             Err(error) => {
                 eprintln!(
                     "lmsd-mcp: cannot use {} as a directory to read: {error}",
@@ -46,11 +46,15 @@ async fn main() -> ExitCode {
             }
         }
     }
+    let started_in = std::env::current_dir().and_then(|dir| dir.canonicalize());
     let access = files::Access {
-        roots,
+        roots: started_in
+            .into_iter()
+            .chain(allowed.iter().cloned())
+            .collect(),
         max_bytes: args.max_file_bytes,
     };
-    let server = tools::LocalTools::new(socket, access);
+    let server = tools::LocalTools::new(socket, access, allowed);
     // stdout is the protocol; anything for a person goes to stderr.
     let running = match server.serve(rmcp::transport::stdio()).await {
         Ok(running) => running,

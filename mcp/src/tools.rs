@@ -29,7 +29,12 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct LocalTools {
     socket: PathBuf,
+    /// Where files may be read when the client names no roots: the directory lmsd-mcp started
+    /// in, then the `--allow-dir`s.
     files: Access,
+    /// The `--allow-dir`s alone, added to the client's roots when it names them.
+    allowed: Vec<PathBuf>,
+    today: std::sync::Arc<tokio::sync::Mutex<Option<Today>>>,
     tool_router: ToolRouter<Self>,
 }
 
@@ -141,11 +146,43 @@ fn describe(event: &Event) -> Option<String> {
 }
 
 impl LocalTools {
-    pub fn new(socket: PathBuf, files: Access) -> Self {
+    pub fn new(socket: PathBuf, files: Access, allowed: Vec<PathBuf>) -> Self {
         LocalTools {
             socket,
             files,
+            allowed,
+            today: Default::default(),
             tool_router: Self::tool_router(),
+        }
+    }
+
+    /// The directories this call may read: the client's MCP roots when it offers them (and
+    /// lists any on disk), with the `--allow-dir`s; else the defaults.
+    // Roots are deprecated by the 2026 spec (SEP-2577), and still what today's agents send.
+    #[allow(deprecated)]
+    async fn access_for(&self, peer: &Peer<RoleServer>) -> Access {
+        let offers_roots = peer
+            .peer_info()
+            .is_some_and(|info| info.capabilities.roots.is_some());
+        if !offers_roots {
+            return self.files.clone();
+        }
+        let Ok(listed) = peer.list_roots().await else {
+            return self.files.clone();
+        };
+        let mut roots: Vec<PathBuf> = listed
+            .roots
+            .iter()
+            .filter_map(|root| crate::files::path_of_file_uri(&root.uri))
+            .filter_map(|path| path.canonicalize().ok())
+            .collect();
+        if roots.is_empty() {
+            return self.files.clone();
+        }
+        roots.extend(self.allowed.iter().cloned());
+        Access {
+            roots,
+            max_bytes: self.files.max_bytes,
         }
     }
 
@@ -189,40 +226,75 @@ impl LocalTools {
         }
     }
 
-    /// Tokens, time, and what the task saved, with today's total.
+    /// Tokens, time, and what the task saved, with today's total. The day's sums come from
+    /// lmsd's ledger at most every `TODAY_REFRESH` (reading it costs a file read in lmsd); in
+    /// between, this server adds what its own tasks saved.
     async fn receipt(&self, chat: &ChatOutcome) -> String {
-        let today = match self.connect().await {
-            Ok(mut client) => {
-                let request = SavingsRequest {
-                    since: Some(WireDuration(Duration::from_secs(86_400))),
-                    by: None,
-                };
-                match client.call(Request::Savings(request), |_| {}).await {
-                    Ok(Outcome::Savings(report)) => Some(report),
-                    _ => None,
-                }
-            }
-            Err(_) => None,
-        };
         let (input, output) = (chat.usage.input_tokens, chat.usage.total_output_tokens);
-        let saved = |report: &SavingsReport| {
-            (input as f64 * report.input_usd_per_mtok + output as f64 * report.output_usd_per_mtok)
-                / 1e6
+        let stale = {
+            let today = self.today.lock().await;
+            today
+                .as_ref()
+                .is_none_or(|t| t.read.elapsed() > TODAY_REFRESH)
         };
-        let money = today.as_ref().map_or(String::new(), |report| {
-            format!(
-                " — saved ≈ ${:.4} (today ${:.2})",
-                saved(report),
-                report.totals.usd_saved
-            )
-        });
+        if stale {
+            if let Some(report) = self.read_today().await {
+                *self.today.lock().await = Some(Today {
+                    read: Instant::now(),
+                    input_usd_per_mtok: report.input_usd_per_mtok,
+                    output_usd_per_mtok: report.output_usd_per_mtok,
+                    // The task just answered is in the ledger already, or will be in a moment.
+                    usd_saved: report.totals.usd_saved,
+                    counted_since_read: stale,
+                });
+            }
+        }
+        let mut today = self.today.lock().await;
+        let money = match today.as_mut() {
+            Some(today) => {
+                let saved = (input as f64 * today.input_usd_per_mtok
+                    + output as f64 * today.output_usd_per_mtok)
+                    / 1e6;
+                if !std::mem::take(&mut today.counted_since_read) {
+                    today.usd_saved += saved;
+                }
+                format!(" — saved ≈ ${saved:.4} (today ${:.2})", today.usd_saved)
+            }
+            None => String::new(),
+        };
         format!(
             "ran locally on {}: {input} tokens in, {output} out, {:.1} s{money}",
             chat.task.model,
             chat.task.total_ms as f64 / 1000.0
         )
     }
+
+    async fn read_today(&self) -> Option<SavingsReport> {
+        let mut client = self.connect().await.ok()?;
+        let request = SavingsRequest {
+            since: Some(WireDuration(Duration::from_secs(86_400))),
+            by: None,
+        };
+        match client.call(Request::Savings(request), |_| {}).await {
+            Ok(Outcome::Savings(report)) => Some(report),
+            _ => None,
+        }
+    }
 }
+
+/// The day's savings as last read from lmsd, with this server's tasks added since.
+#[derive(Debug)]
+struct Today {
+    read: Instant,
+    input_usd_per_mtok: f64,
+    output_usd_per_mtok: f64,
+    usd_saved: f64,
+    /// The read already counts the task that prompted it.
+    counted_since_read: bool,
+}
+
+/// How often a receipt re-reads the day's savings from lmsd.
+const TODAY_REFRESH: Duration = Duration::from_secs(30);
 
 #[tool_router]
 impl LocalTools {
@@ -244,7 +316,7 @@ impl LocalTools {
             input.push_str(text);
         }
         if let Some(patterns) = params.files.as_ref().filter(|p| !p.is_empty()) {
-            match self.files.read_all(patterns) {
+            match self.access_for(&peer).await.read_all(patterns) {
                 Ok(read) => {
                     for file in read {
                         input.push_str(&format!("\n\n--- {} ---\n{}", file.path, file.text));

@@ -1,6 +1,6 @@
 """The official MCP Python SDK driving lmsd-mcp over stdio, against lmsd and the simulator:
-tools listed, local_task with text, files (one outside the roots refused), a schema (structured
-content), a session continued, progress, a cancel that reaches lmsd, local_embed ranking, and
+tools listed, local_task with text, files (one outside the roots refused, and readable once the
+client names its directory as an MCP root), a schema (structured content), a session continued, progress, a cancel that reaches lmsd, local_embed ranking, and
 isError when lmsd is not there. Run by tests/e2e/mcp.rs, which makes the first chat slow."""
 
 import asyncio
@@ -84,6 +84,23 @@ async def main():
             assert " up;" in text(status) and "ibm/granite-4-micro idle" in text(status), text(status)
             savings = await session.call_tool("local_savings", {})
             assert "today:" in text(savings), text(savings)
+
+    # A client that names its MCP roots: they replace the directory lmsd-mcp started in (the
+    # --allow-dir stays).
+    import pathlib
+
+    from mcp import types
+
+    async def roots(context):
+        return types.ListRootsResult(roots=[types.Root(uri=pathlib.Path(outside).parent.as_uri())])
+
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write, list_roots_callback=roots) as session:
+            await session.initialize()
+            inside_root = await session.call_tool("local_task", {"instruction": "Read", "files": [outside]})
+            assert not inside_root.is_error, text(inside_root)
+            still_allowed = await session.call_tool("local_task", {"instruction": "Read", "files": [allowed + "/notes.txt"]})
+            assert not still_allowed.is_error, text(still_allowed)
 
     # No lmsd at that socket: every tool says so, as a tool error and not a protocol error.
     gone = StdioServerParameters(command=server, args=["--socket", socket + ".gone"])
