@@ -457,6 +457,8 @@ pub async fn p5(sim: &Simulator, starts: usize, ctl_runs: usize) -> Result<Start
                 &sim.url(),
             ])
             .env("LOGS_DIRECTORY", dir.path().join("logs"))
+            // Never the user's own state (ledger, sessions): each daemon its own.
+            .env("STATE_DIRECTORY", dir.path().join("state"))
             .env_remove("RUST_LOG")
             .stderr(Stdio::null())
             .kill_on_drop(true)

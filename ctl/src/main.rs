@@ -248,6 +248,10 @@ struct ChatArgs {
     /// Check the contract without constraining the engine to it (how the bare model does).
     #[arg(long)]
     check_only: bool,
+    /// An image for a vision model (PNG, JPEG, WebP or GIF); repeatable. With `auto` it
+    /// implies --vision.
+    #[arg(long, value_name = "FILE")]
+    image: Vec<PathBuf>,
     /// Print the answer as it is generated.
     #[arg(long)]
     stream: bool,
@@ -297,11 +301,50 @@ impl ChatArgs {
         })
     }
 
-    fn into_request(self, input: String, schema: Option<serde_json::Value>) -> ChatRequest {
+    /// The `--image` files as data URLs.
+    fn images(&self) -> Result<Vec<String>, ExitCode> {
+        use base64::Engine;
+        self.image
+            .iter()
+            .map(|path| {
+                let kind = match path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_lowercase)
+                {
+                    Some(e) if e == "png" => "png",
+                    Some(e) if e == "jpg" || e == "jpeg" => "jpeg",
+                    Some(e) if e == "webp" => "webp",
+                    Some(e) if e == "gif" => "gif",
+                    _ => {
+                        eprintln!(
+                            "lmsd-ctl: {} is not a PNG, JPEG, WebP or GIF file (by its name)",
+                            path.display()
+                        );
+                        return Err(ExitCode::from(2));
+                    }
+                };
+                let bytes = std::fs::read(path).map_err(|error| {
+                    eprintln!("lmsd-ctl: cannot read {}: {error}", path.display());
+                    ExitCode::from(2)
+                })?;
+                let data = base64::engine::general_purpose::STANDARD.encode(bytes);
+                Ok(format!("data:image/{kind};base64,{data}"))
+            })
+            .collect()
+    }
+
+    fn into_request(
+        self,
+        input: String,
+        schema: Option<serde_json::Value>,
+        images: Vec<String>,
+    ) -> ChatRequest {
         let session = self.session.or(self.stateful.then(|| "default".to_owned()));
         ChatRequest {
             model: self.model,
             input,
+            images,
             system_prompt: self.system,
             temperature: self.temperature,
             max_output_tokens: self.max_output_tokens,
@@ -469,7 +512,11 @@ async fn main() -> ExitCode {
                 Ok(schema) => schema,
                 Err(code) => return code,
             };
-            Request::Chat(args.into_request(input, schema))
+            let images = match args.images() {
+                Ok(images) => images,
+                Err(code) => return code,
+            };
+            Request::Chat(args.into_request(input, schema, images))
         }
     };
     let streaming = matches!(&request, Request::Chat(chat) if chat.stream);

@@ -120,8 +120,9 @@ pub struct Ledger {
     /// `.await`.
     file: Mutex<Option<(std::fs::File, u64)>>,
     /// Each model's last `PASS_RATE_WINDOW` contract results (passed or not), newest last:
-    /// read from the files at start, then kept up to date by `append`.
-    recent: Mutex<HashMap<String, VecDeque<bool>>>,
+    /// read from the files when first asked for (not at start: a large ledger would slow every
+    /// start for a setting most never use), then kept up to date by `append`.
+    recent: Mutex<Option<HashMap<String, VecDeque<bool>>>>,
 }
 
 /// How often buffered records reach the disk.
@@ -151,31 +152,33 @@ fn day(time: f64) -> String {
 
 impl Ledger {
     pub fn open(path: Option<PathBuf>, max_bytes: u64) -> Self {
-        let ledger = Ledger {
+        Ledger {
             path,
             max_bytes,
             pending: Mutex::new(Vec::new()),
             filled: tokio::sync::Notify::new(),
             file: Mutex::new(None),
-            recent: Mutex::new(HashMap::new()),
-        };
-        let mut recent = HashMap::new();
-        ledger.each_record(f64::MIN, |record| remember(&mut recent, &record));
-        *ledger.recent() = recent;
-        ledger
+            recent: Mutex::new(None),
+        }
     }
 
-    fn recent(&self) -> MutexGuard<'_, HashMap<String, VecDeque<bool>>> {
+    fn recent(&self) -> MutexGuard<'_, Option<HashMap<String, VecDeque<bool>>>> {
         self.recent
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A model's pass rate over its last contract tasks, and how many there were; `None`
-    /// before its first.
+    /// before its first. The first call reads the ledger's files (blocking, once).
     pub fn recent_pass_rate(&self, model: &str) -> Option<(f64, usize)> {
+        if self.recent().is_none() {
+            self.flush();
+            let mut seeded = HashMap::new();
+            self.each_record(f64::MIN, |record| remember(&mut seeded, &record));
+            *self.recent() = Some(seeded);
+        }
         let recent = self.recent();
-        let results = recent.get(model).filter(|r| !r.is_empty())?;
+        let results = recent.as_ref()?.get(model).filter(|r| !r.is_empty())?;
         let passed = results.iter().filter(|p| **p).count();
         Some((passed as f64 / results.len() as f64, results.len()))
     }
@@ -192,7 +195,9 @@ impl Ledger {
     }
 
     pub fn append(&self, record: Record) {
-        remember(&mut self.recent(), &record);
+        if let Some(recent) = self.recent().as_mut() {
+            remember(recent, &record);
+        }
         if self.path.is_none() {
             return;
         }

@@ -17,12 +17,31 @@ pub struct Access {
 #[derive(Debug)]
 pub struct Read {
     pub path: String,
-    pub text: String,
+    pub content: Content,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Content {
+    Text(String),
+    /// An image, as a data URL, for a vision model.
+    Image(String),
+}
+
+/// The data-URL type of an image file, by its name.
+fn image_kind(path: &Path) -> Option<&'static str> {
+    match path.extension()?.to_str()?.to_lowercase().as_str() {
+        "png" => Some("png"),
+        "jpg" | "jpeg" => Some("jpeg"),
+        "webp" => Some("webp"),
+        "gif" => Some("gif"),
+        _ => None,
+    }
 }
 
 impl Access {
-    /// Every file the patterns name, in order (a glob's matches sorted), each once.
-    pub fn read_all(&self, patterns: &[String]) -> Result<Vec<Read>, String> {
+    /// Every file the patterns name, in order (a glob's matches sorted), each once; with
+    /// `images`, image files as images.
+    pub fn read_all(&self, patterns: &[String], images: bool) -> Result<Vec<Read>, String> {
         let mut paths: Vec<PathBuf> = Vec::new();
         for pattern in patterns {
             let matched = self.expand(pattern)?;
@@ -35,8 +54,8 @@ impl Access {
         let mut total = 0u64;
         let mut read = Vec::with_capacity(paths.len());
         for path in paths {
-            let text = self.read_one(&path)?;
-            total += text.len() as u64;
+            let bytes = self.read_one(&path)?;
+            total += bytes.len() as u64;
             if total > self.max_bytes {
                 return Err(format!(
                     "the files come to more than {} bytes together (at {}); name fewer, or start lmsd-mcp with a larger --max-file-bytes",
@@ -44,9 +63,22 @@ impl Access {
                     path.display()
                 ));
             }
+            let content = match image_kind(&path).filter(|_| images) {
+                Some(kind) => {
+                    use base64::Engine;
+                    let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                    Content::Image(format!("data:image/{kind};base64,{data}"))
+                }
+                None => Content::Text(String::from_utf8(bytes).map_err(|_| {
+                    format!(
+                        "{} is not a text file (not UTF-8); only text files are sent (images with vision)",
+                        path.display()
+                    )
+                })?),
+            };
             read.push(Read {
                 path: path.display().to_string(),
-                text,
+                content,
             });
         }
         Ok(read)
@@ -78,7 +110,7 @@ impl Access {
         Ok(found)
     }
 
-    fn read_one(&self, path: &Path) -> Result<String, String> {
+    fn read_one(&self, path: &Path) -> Result<Vec<u8>, String> {
         let shown = path.display();
         let real = path
             .canonicalize()
@@ -103,10 +135,7 @@ impl Access {
                 self.max_bytes
             ));
         }
-        let bytes = std::fs::read(&real).map_err(|e| format!("cannot read {shown}: {e}"))?;
-        String::from_utf8(bytes).map_err(|_| {
-            format!("{shown} is not a text file (not UTF-8); only text files are sent")
-        })
+        std::fs::read(&real).map_err(|e| format!("cannot read {shown}: {e}"))
     }
 }
 
@@ -181,36 +210,54 @@ mod tests {
         .unwrap();
         let access = access(inside.path(), 16);
 
-        let read = access.read_all(&["*.txt".into()]).unwrap_err();
+        let read = access.read_all(&["*.txt".into()], false).unwrap_err();
         assert!(
             read.contains("outside"),
             "the glob takes the symlink too: {read}"
         );
-        let read = access.read_all(&["a.txt".into(), "b*.txt".into()]).unwrap();
-        let names: Vec<&str> = read.iter().map(|r| r.text.as_str()).collect();
-        assert_eq!(names, ["alpha", "beta"]);
+        let read = access
+            .read_all(&["a.txt".into(), "b*.txt".into()], false)
+            .unwrap();
+        let texts: Vec<&Content> = read.iter().map(|r| &r.content).collect();
+        assert_eq!(
+            texts,
+            [
+                &Content::Text("alpha".into()),
+                &Content::Text("beta".into())
+            ]
+        );
+        std::fs::write(inside.path().join("dot.png"), [0x89, b'P']).unwrap();
+        let image = access.read_all(&["dot.png".into()], true).unwrap();
+        assert_eq!(
+            image[0].content,
+            Content::Image("data:image/png;base64,iVA=".into())
+        );
+        assert!(
+            access.read_all(&["dot.png".into()], false).is_err(),
+            "no vision, no image"
+        );
 
         let escape = outside.path().join("secret.txt");
         let refused = access
-            .read_all(&[escape.display().to_string()])
+            .read_all(&[escape.display().to_string()], false)
             .unwrap_err();
         assert!(refused.contains("outside the directories"), "{refused}");
         assert!(access
-            .read_all(&["bin".into()])
+            .read_all(&["bin".into()], false)
             .unwrap_err()
             .contains("not a text file"));
         std::fs::write(inside.path().join("big.md"), "x".repeat(17)).unwrap();
         assert!(access
-            .read_all(&["big.md".into()])
+            .read_all(&["big.md".into()], false)
             .unwrap_err()
             .contains("over the 16"));
         std::fs::write(inside.path().join("c.md"), "12345678").unwrap();
         let together = access
-            .read_all(&["a.txt".into(), "b.txt".into(), "c.md".into()])
+            .read_all(&["a.txt".into(), "b.txt".into(), "c.md".into()], false)
             .unwrap_err();
         assert!(together.contains("together"), "{together}");
         assert!(access
-            .read_all(&["none*.md".into()])
+            .read_all(&["none*.md".into()], false)
             .unwrap_err()
             .contains("no file matches"));
     }

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::files::Access;
+use crate::files::{Access, Content};
 
 /// How often a call that is still waiting says so (MCP clients give up on silent calls).
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -59,6 +59,8 @@ pub struct TaskParams {
     pub schema: Option<Value>,
     /// The answer must be exactly one of these labels.
     pub choices: Option<Vec<String>>,
+    /// Send image files (png, jpg, webp, gif) among `files` as images, to a vision model.
+    pub vision: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -315,11 +317,18 @@ impl LocalTools {
             input.push_str("\n\n");
             input.push_str(text);
         }
+        let vision = params.vision.unwrap_or(false);
+        let mut images = Vec::new();
         if let Some(patterns) = params.files.as_ref().filter(|p| !p.is_empty()) {
-            match self.access_for(&peer).await.read_all(patterns) {
+            match self.access_for(&peer).await.read_all(patterns, vision) {
                 Ok(read) => {
                     for file in read {
-                        input.push_str(&format!("\n\n--- {} ---\n{}", file.path, file.text));
+                        match file.content {
+                            Content::Text(text) => {
+                                input.push_str(&format!("\n\n--- {} ---\n{text}", file.path))
+                            }
+                            Content::Image(url) => images.push(url),
+                        }
                     }
                 }
                 Err(why) => return Ok(refused(format!("fix the call: {why}"))),
@@ -329,6 +338,7 @@ impl LocalTools {
         let request = ChatRequest {
             model: params.model.unwrap_or_else(|| "auto".into()),
             input,
+            images,
             system_prompt: params.system,
             temperature: params.temperature,
             max_output_tokens: params.max_output_tokens,
@@ -337,6 +347,10 @@ impl LocalTools {
             choices: params.choices.unwrap_or_default(),
             options: TaskOptions {
                 tag: Some("mcp".into()),
+                needs: lmsd_proto::Needs {
+                    vision,
+                    ..lmsd_proto::Needs::default()
+                },
                 ..TaskOptions::default()
             },
             ..ChatRequest::default()

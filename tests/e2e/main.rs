@@ -14,6 +14,7 @@ mod service;
 mod skill;
 mod support;
 mod tasks;
+mod vision;
 
 use std::time::Duration;
 

@@ -19,6 +19,7 @@ async fn the_mcp_python_sdk_drives_lmsd_mcp() {
     );
     let allowed = tempfile::tempdir().unwrap();
     std::fs::write(allowed.path().join("notes.txt"), "fix the parser").unwrap();
+    std::fs::write(allowed.path().join("chart.png"), [0x89, b'P', b'N', b'G']).unwrap();
     let outside = tempfile::tempdir().unwrap();
     let secret = outside.path().join("secret.txt");
     std::fs::write(&secret, "not for the model").unwrap();

@@ -64,6 +64,11 @@ async def main():
             refused = await session.call_tool("local_task", {"instruction": "Read", "files": [outside]})
             assert refused.is_error and "outside" in text(refused), text(refused)
 
+            seen = await session.call_tool("local_task", {"instruction": "Describe", "files": ["chart.png"], "vision": True})
+            assert not seen.is_error and "ran locally on qwen/qwen3-vl-4b" in text(seen), text(seen)
+            blind = await session.call_tool("local_task", {"instruction": "Describe", "files": ["chart.png"]})
+            assert blind.is_error and "not a text file" in text(blind), text(blind)
+
             schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
             person = await session.call_tool("local_task", {"instruction": "Extract: Ada", "schema": schema})
             assert not person.is_error and person.structured_content == {"name": "Simulated text"}, person

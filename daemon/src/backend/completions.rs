@@ -5,6 +5,21 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+/// A user message's `content`: the text, or with images OpenAI's parts (`text`, then an
+/// `image_url` per image).
+pub(super) fn user_content(body: &super::ChatBody) -> Value {
+    if body.images.is_empty() {
+        return json!(body.input);
+    }
+    let mut parts = vec![json!({"type": "text", "text": body.input})];
+    parts.extend(
+        body.images
+            .iter()
+            .map(|url| json!({"type": "image_url", "image_url": {"url": url}})),
+    );
+    Value::Array(parts)
+}
+
 /// `response_format` for an answer constrained to `schema`: OpenAI's `json_schema` form, which
 /// both engines take (LM Studio refuses `json_object`).
 pub(super) fn response_format(schema: &Value) -> Value {

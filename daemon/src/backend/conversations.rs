@@ -104,7 +104,7 @@ pub(super) fn messages(history: Option<&Arc<Turn>>, body: &ChatBody) -> Vec<Valu
         messages.push(json!({ "role": "user", "content": turn.user }));
         messages.push(json!({ "role": "assistant", "content": turn.assistant }));
     }
-    messages.push(json!({ "role": "user", "content": body.input }));
+    messages.push(json!({ "role": "user", "content": super::completions::user_content(body) }));
     messages
 }
 
@@ -123,6 +123,7 @@ mod tests {
             stream: false,
             store: true,
             schema: None,
+            images: Vec::new(),
         }
     }
 

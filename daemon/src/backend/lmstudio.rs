@@ -5,7 +5,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::completions::{response_format, Completion};
+use super::completions::{response_format, user_content, Completion};
 use super::{classify_error, decode_reply, BackendError, Http, Limit, Opened};
 use lmsd_proto::LoadSettings;
 
@@ -119,6 +119,27 @@ pub struct ChatBody {
     /// output, so such a chat goes to `/v1/chat/completions`, which keeps no conversation.
     #[serde(skip)]
     pub schema: Option<Value>,
+    /// Images (data URLs) beside the input, for a vision model.
+    #[serde(skip)]
+    pub images: Vec<String>,
+}
+
+/// The native chat's body: with images, `input` becomes LM Studio's item list
+/// (`{"type":"text","content"}`, `{"type":"image","data_url"}`).
+fn native(body: &ChatBody) -> Result<Value, BackendError> {
+    let mut value = serde_json::to_value(body).map_err(|e| BackendError::Unsupported {
+        what: format!("lmsd cannot encode this chat for LM Studio: {e}"),
+    })?;
+    if !body.images.is_empty() {
+        let mut items = vec![serde_json::json!({"type": "text", "content": body.input})];
+        items.extend(
+            body.images
+                .iter()
+                .map(|url| serde_json::json!({"type": "image", "data_url": url})),
+        );
+        value["input"] = Value::Array(items);
+    }
+    Ok(value)
 }
 
 impl std::fmt::Debug for ChatBody {
@@ -274,7 +295,7 @@ impl LmStudio {
             return self.chat_constrained(body, schema).await;
         }
         self.http
-            .post("/api/v1/chat", body, Limit::Request)
+            .post("/api/v1/chat", &native(body)?, Limit::Request)
             .await
             .map_err(|e| continuation_error(e, body))
     }
@@ -291,7 +312,7 @@ impl LmStudio {
         if let Some(system) = &body.system_prompt {
             messages.push(serde_json::json!({"role": "system", "content": system}));
         }
-        messages.push(serde_json::json!({"role": "user", "content": body.input}));
+        messages.push(serde_json::json!({"role": "user", "content": user_content(body)}));
         let mut request = serde_json::json!({
             "model": body.model,
             "messages": messages,
@@ -348,7 +369,7 @@ impl LmStudio {
         streamed.stream = true;
         let opened = self
             .http
-            .post_stream("/api/v1/chat", &streamed)
+            .post_stream("/api/v1/chat", &native(&streamed)?)
             .await
             .map_err(|e| continuation_error(e, body))?;
         let (status, mut events) = match opened {

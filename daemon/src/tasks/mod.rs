@@ -336,6 +336,16 @@ async fn run_chat(
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<ChatOutcome, TaskError> {
+    if let Some(bad) = request
+        .images
+        .iter()
+        .find(|url| !(url.starts_with("data:image/") && url.contains(";base64,")))
+    {
+        let start: String = bad.chars().take(40).collect();
+        return Err(TaskError::BadRequest(format!(
+            "an image must be a data URL such as data:image/png;base64,…; got {start:?}"
+        )));
+    }
     let contract = Contract::of(request).map_err(TaskError::BadRequest)?;
     if request.check_only && contract.is_none() {
         return Err(TaskError::BadRequest(

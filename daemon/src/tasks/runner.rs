@@ -73,6 +73,7 @@ impl<'a> Task<'a> {
         kind: TaskKind,
         model: &str,
         options: &TaskOptions,
+        vision: bool,
         sink: &'a EventSink,
         cancel: CancellationToken,
     ) -> Self {
@@ -91,6 +92,8 @@ impl<'a> Task<'a> {
             model: model.to_owned(),
         });
         let mut options = options.clone();
+        // Images need a model that sees them.
+        options.needs.vision |= vision;
         options.prefer.extend(config.routing.prefer.iter().cloned());
         Task {
             ctx,
@@ -537,7 +540,8 @@ pub(super) async fn run_task(
     sink: &EventSink,
     cancel: CancellationToken,
 ) -> Result<(Done, Answered, TaskReport), TaskError> {
-    let mut task = Task::start(ctx, kind, model, options, sink, cancel.clone());
+    let vision = matches!(work, Work::Chat { chat, .. } if !chat.images.is_empty());
+    let mut task = Task::start(ctx, kind, model, options, vision, sink, cancel.clone());
     let (deadline, submitted) = (task.deadline, task.submitted);
     let embedding = kind == TaskKind::Embed;
     // Boxed: a waiting task's future stays small, the room for running it is taken when it runs.

@@ -60,6 +60,7 @@ impl Task<'_> {
                     schema: contract
                         .filter(|_| !chat.check_only)
                         .map(|c| c.engine_schema().clone()),
+                    images: chat.images.clone(),
                 };
                 let reply = if chat.stream {
                     let mut first_token = true;

@@ -15,6 +15,9 @@ pub struct Envelope {
 }
 
 /// What a client asks of the daemon; the `type` field names the variant.
+// Most requests are chats, and a request lives only while it is served: boxing the large
+// variant would add an allocation to nearly every request and save nothing kept.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
@@ -220,6 +223,10 @@ pub struct ChatRequest {
     /// A model key or a loaded instance id.
     pub model: String,
     pub input: String,
+    /// Images for a vision model, as data URLs (`data:image/png;base64,…`); with `auto` they
+    /// imply `needs.vision`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
