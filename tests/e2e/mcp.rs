@@ -11,10 +11,10 @@ use crate::support::*;
 async fn the_mcp_python_sdk_drives_lmsd_mcp() {
     let sim = start_sim(SimConfig::zero_delay()).await;
     let daemon = TestDaemon::start(&sim.url()).await;
-    // The script's first chat: slow enough for it to give up and cancel.
+    // The script's first chat waits for a slow load: it hears progress, gives up and cancels.
     sim.inject(
-        Route::Chat,
-        Fault::Delay(Duration::from_secs(30)),
+        Route::Load,
+        Fault::Delay(Duration::from_secs(6)),
         Times::Once,
     );
     let allowed = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 """The official MCP Python SDK driving lmsd-mcp over stdio, against lmsd and the simulator:
 tools listed, local_task with text, files (one outside the roots refused, and readable once the
 client names its directory as an MCP root), a schema (structured content), a session continued, progress, a cancel that reaches lmsd, local_embed ranking, and
-isError when lmsd is not there. Run by tests/e2e/mcp.rs, which makes the first chat slow."""
+isError when lmsd is not there. Run by tests/e2e/mcp.rs, which makes the first load slow."""
 
 import asyncio
 import json
@@ -32,8 +32,8 @@ async def main():
             names = sorted(t.name for t in (await session.list_tools()).tools)
             assert names == ["local_embed", "local_models", "local_savings", "local_status", "local_task"], names
 
-            # The first chat is slow (the test delays it): progress comes, then the client gives
-            # up, and the cancel reaches lmsd, which drops the task.
+            # The first chat waits for a slow load (the test delays it): progress comes, then the
+            # client gives up, and the cancel reaches lmsd, which drops the task.
             heard = []
 
             async def progress(value, total, message):
