@@ -19,11 +19,11 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::completions::{response_format, Chunk, Completion, Usage};
+use super::completions::{self, Chunk, Completion, Usage};
 use super::conversations::{messages, Conversations, Turn};
 use super::{
-    decode_reply, BackendError, ChatBody, ChatReply, ChatStats, Http, InstanceConfig, Limit,
-    LoadBody, LoadReply, LoadedInstance, Model, ModelType, Opened, OutputItem, StreamEvent,
+    decode_reply, BackendError, ChatBody, ChatReply, Http, InstanceConfig, Limit, LoadBody,
+    LoadReply, LoadedInstance, Model, ModelType, Opened, StreamEvent,
 };
 
 const LOAD_PATH: &str = "/models/load";
@@ -221,23 +221,7 @@ impl LlamaServer {
             Some(id) => Some(self.lock_conversations().get(id)?),
             None => None,
         };
-        let mut request = json!({
-            "model": body.model,
-            "messages": messages(history.as_ref(), body),
-            "stream": stream,
-        });
-        if let Some(temperature) = body.temperature {
-            request["temperature"] = json!(temperature);
-        }
-        if let Some(max_tokens) = body.max_output_tokens {
-            request["max_tokens"] = json!(max_tokens);
-        }
-        if let Some(schema) = &body.schema {
-            request["response_format"] = response_format(schema);
-        }
-        if stream {
-            request["stream_options"] = json!({ "include_usage": true });
-        }
+        let request = completions::request(body, messages(history.as_ref(), body), stream);
         Ok((request, history))
     }
 
@@ -267,21 +251,7 @@ impl LlamaServer {
                 assistant: message.clone(),
             })
         });
-        let mut output = Vec::with_capacity(2);
-        if !reasoning.is_empty() {
-            output.push(OutputItem::Reasoning { content: reasoning });
-        }
-        output.push(OutputItem::Message { content: message });
-        ChatReply {
-            model_instance_id: body.model.clone(),
-            output,
-            stats: ChatStats {
-                input_tokens: usage.prompt_tokens,
-                total_output_tokens: usage.completion_tokens,
-                ..ChatStats::default()
-            },
-            response_id,
-        }
+        completions::reply(body.model.clone(), message, reasoning, &usage, response_id)
     }
 
     /// `finish` for a whole (not streamed) completion.
@@ -289,17 +259,9 @@ impl LlamaServer {
         &self,
         body: &ChatBody,
         history: Option<Arc<Turn>>,
-        reply: Completion,
+        mut reply: Completion,
     ) -> ChatReply {
-        let message = reply.choices.into_iter().next().map(|c| c.message);
-        let (content, reasoning) = message
-            .map(|m| {
-                (
-                    m.content.unwrap_or_default(),
-                    m.reasoning_content.unwrap_or_default(),
-                )
-            })
-            .unwrap_or_default();
+        let (content, reasoning) = reply.texts();
         self.finish(body, history, content, reasoning, reply.usage)
     }
 

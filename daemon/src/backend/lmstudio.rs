@@ -5,7 +5,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::completions::{response_format, user_content, Completion};
+use super::completions::{self, Completion};
+use super::conversations::messages;
 use super::{classify_error, decode_reply, BackendError, Http, Limit, Opened};
 use lmsd_proto::LoadSettings;
 
@@ -291,8 +292,8 @@ impl LmStudio {
     }
 
     pub async fn chat(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
-        if let Some(schema) = &body.schema {
-            return self.chat_constrained(body, schema).await;
+        if body.schema.is_some() {
+            return self.chat_constrained(body).await;
         }
         self.http
             .post("/api/v1/chat", &native(body)?, Limit::Request)
@@ -303,56 +304,23 @@ impl LmStudio {
     /// A chat whose answer is constrained to `schema`, through the OpenAI-compatible endpoint:
     /// the only one of LM Studio's that honours a schema. It is stateless: no continuation, no
     /// stored reply (lmsd refuses a contract on a continued chat before it gets here).
-    async fn chat_constrained(
-        &self,
-        body: &ChatBody,
-        schema: &Value,
-    ) -> Result<ChatReply, BackendError> {
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = &body.system_prompt {
-            messages.push(serde_json::json!({"role": "system", "content": system}));
-        }
-        messages.push(serde_json::json!({"role": "user", "content": user_content(body)}));
-        let mut request = serde_json::json!({
-            "model": body.model,
-            "messages": messages,
-            "response_format": response_format(schema),
-        });
-        if let Some(temperature) = body.temperature {
-            request["temperature"] = serde_json::json!(temperature);
-        }
-        if let Some(max_tokens) = body.max_output_tokens {
-            request["max_tokens"] = serde_json::json!(max_tokens);
-        }
-        let reply: Completion = self
+    async fn chat_constrained(&self, body: &ChatBody) -> Result<ChatReply, BackendError> {
+        // A fresh conversation: the system prompt, then the input.
+        let request = completions::request(body, messages(None, body), false);
+        let mut reply: Completion = self
             .http
             .post("/v1/chat/completions", &request, Limit::Request)
             .await?;
-        let message = reply.choices.into_iter().next().map(|c| c.message);
-        let (content, reasoning) = message
-            .map(|m| {
-                (
-                    m.content.unwrap_or_default(),
-                    m.reasoning_content.unwrap_or_default(),
-                )
-            })
-            .unwrap_or_default();
-        let mut output = Vec::with_capacity(2);
-        if !reasoning.is_empty() {
-            output.push(OutputItem::Reasoning { content: reasoning });
-        }
-        output.push(OutputItem::Message { content });
-        Ok(ChatReply {
-            // The instance that answered, which may not be the one named (§8 of the notes).
-            model_instance_id: reply.model.unwrap_or_else(|| body.model.clone()),
-            output,
-            stats: ChatStats {
-                input_tokens: reply.usage.prompt_tokens,
-                total_output_tokens: reply.usage.completion_tokens,
-                ..ChatStats::default()
-            },
-            response_id: None,
-        })
+        let (message, reasoning) = reply.texts();
+        // The instance that answered, which may not be the one named.
+        let answered = reply.model.take().unwrap_or_else(|| body.model.clone());
+        Ok(completions::reply(
+            answered,
+            message,
+            reasoning,
+            &reply.usage,
+            None,
+        ))
     }
 
     /// A streamed chat: SSE events go to `on_event` as they come; the result is `chat.end`'s.
