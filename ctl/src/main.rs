@@ -367,6 +367,7 @@ impl ChatArgs {
                     vision: self.vision,
                     reasoning: self.reasoning,
                     min_context: self.min_context,
+                    ..Needs::default()
                 },
                 prefer: self.prefer,
                 tag: self.queue.tag,

@@ -6,7 +6,7 @@
 
 pub mod backend;
 pub mod config;
-mod http;
+mod front;
 mod ledger;
 pub mod logging;
 pub mod metrics;
@@ -167,7 +167,7 @@ pub async fn run(
     spawn_side(Box::pin(service::report_status(pool.clone())));
     if let Some(http_listener) = http_listener {
         tracing::info!(listen = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "OpenAI-compatible front door open");
-        spawn_side(Box::pin(http::serve(
+        spawn_side(Box::pin(front::serve(
             http_listener,
             ctx.clone(),
             config.http.api_keys.clone(),

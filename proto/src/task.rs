@@ -52,6 +52,9 @@ pub struct Needs {
     /// Smallest `max_context_length` acceptable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_context: Option<u32>,
+    /// A model trained for tool use (where the engine says which are).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tools: bool,
 }
 
 impl Needs {

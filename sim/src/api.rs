@@ -33,6 +33,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/chat/completions",
             post(crate::completions::completions),
         )
+        .route("/v1/responses", post(crate::responses::responses))
+        .route("/v1/messages", post(crate::messages::messages))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .fallback(unknown_route)
         .with_state(shared)

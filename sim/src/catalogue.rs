@@ -82,7 +82,8 @@ fn llm(
     }
 }
 
-/// Six models: LLMs from 1 to 12 GB, one with vision, two that reason, one embedding model.
+/// Six models: LLMs from 1 to 12 GB, two with vision, two that reason, one not trained for
+/// tools, one embedding model.
 pub fn default_catalogue() -> Vec<SimModel> {
     vec![
         llm(
@@ -115,16 +116,20 @@ pub fn default_catalogue() -> Vec<SimModel> {
             262_144,
             (true, false),
         ),
-        llm(
-            "google/gemma-3-12b",
-            "google",
-            "Gemma 3 12B",
-            "gemma3",
-            8 * GB + 100_000_000,
-            "12B",
-            131_072,
-            (true, false),
-        ),
+        // Not trained for tool use, as LM Studio marks Gemma 3.
+        SimModel {
+            tool_use: false,
+            ..llm(
+                "google/gemma-3-12b",
+                "google",
+                "Gemma 3 12B",
+                "gemma3",
+                8 * GB + 100_000_000,
+                "12B",
+                131_072,
+                (true, false),
+            )
+        },
         llm(
             "openai/gpt-oss-20b",
             "openai",

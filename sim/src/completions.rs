@@ -1,26 +1,30 @@
-//! `POST /v1/chat/completions`, LM Studio's OpenAI-compatible chat, as far as lmsd uses it: the
-//! one endpoint with structured output. A `json_schema` answer is JSON that satisfies the
-//! schema, made deterministically from it (an `enum` answers with the value the prompt names,
-//! else the first); `json_object` is LM Studio's 400. Faults make a model that fails its
-//! schema: prose, a fenced answer, cut-off JSON, a label outside the choices.
+//! `POST /v1/chat/completions`, LM Studio's OpenAI-compatible chat: the one endpoint with
+//! structured output. A `json_schema` answer is JSON that satisfies the schema, made
+//! deterministically from it (an `enum` answers with the value the prompt names, else the
+//! first); `json_object` is LM Studio's 400. Faults make a model that fails its schema: prose,
+//! a fenced answer, cut-off JSON, a label outside the choices. Tools are called as `turn` says;
+//! streams are OpenAI's chunks, with the usage chunk when `stream_options.include_usage`.
 //!
-//! Not simulated: streaming here (lmsd never streams a constrained chat), tools, logprobs.
+//! Not simulated: logprobs, `n` above 1.
 // Helpers return `Err(Response)` to end a handler early; a large Err is fine in a test tool.
 #![allow(clippy::result_large_err)]
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
 
-use crate::api::{accept, error_response, load_instance, InFlight};
+use crate::api::{accept, error_response, pause};
 use crate::errors::ApiError;
 use crate::faults::{Fault, Route};
-use crate::state::{LoadSettings, Target};
+use crate::turn::{self, pieces, text_of, Ask, Said, Tool, ToolChoice};
 use crate::Shared;
 
 /// The body, leniently: LM Studio's compatible endpoints ignore keys they do not know.
@@ -32,6 +36,11 @@ struct CompletionBody {
     stream: bool,
     temperature: Option<f64>,
     response_format: Option<Value>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    stream_options: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -42,7 +51,8 @@ struct Message {
 }
 
 /// What the answer must be, from `response_format`.
-enum Format {
+#[derive(Debug)]
+pub(crate) enum Format {
     Text,
     Schema(Value),
 }
@@ -145,7 +155,7 @@ fn mentions(prompt: &str, label: &str) -> bool {
 }
 
 /// The answer's text, as a model under `fault` would give it.
-fn answer(format: &Format, prompt: &str, instance_id: &str, fault: Option<&Fault>) -> String {
+pub(crate) fn answer(format: &Format, prompt: &str, instance_id: &str, fault: Option<&Fault>) -> String {
     let Format::Schema(schema) = format else {
         return format!("Simulated reply from {instance_id}: this sentence stands in for a real model's answer.");
     };
@@ -184,15 +194,50 @@ fn off_label(schema: &Value, mut value: Value) -> Value {
     }
 }
 
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(text) => text.clone(),
-        Value::Array(parts) => parts
+/// What a chat-completions body asks of the model's turn.
+fn ask_of(body: &CompletionBody, format: Format) -> Ask {
+    let tools = body
+        .tools
+        .iter()
+        .filter_map(|tool| {
+            Some(Tool {
+                name: tool.pointer("/function/name")?.as_str()?.to_owned(),
+                parameters: tool
+                    .pointer("/function/parameters")
+                    .cloned()
+                    .unwrap_or_else(|| json!({})),
+            })
+        })
+        .collect();
+    let tool_choice = match &body.tool_choice {
+        Some(Value::String(choice)) if choice == "none" => ToolChoice::None,
+        Some(Value::String(choice)) if choice == "required" => ToolChoice::Required,
+        Some(choice) => match choice.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) => ToolChoice::Named(name.to_owned()),
+            None => ToolChoice::Auto,
+        },
+        None => ToolChoice::Auto,
+    };
+    let last = body.messages.last();
+    Ask {
+        prompt: body
+            .messages
             .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| text_of(&m.content))
+            .unwrap_or_default(),
+        context_words: body
+            .messages
+            .iter()
+            .map(|m| text_of(&m.content).split_whitespace().count())
+            .sum(),
+        tools,
+        tool_choice,
+        tool_result: last
+            .filter(|m| m.role == "tool")
+            .map(|m| text_of(&m.content)),
+        format,
     }
 }
 
@@ -210,51 +255,17 @@ pub(crate) async fn completions(
         Ok(format) => format,
         Err(response) => return response,
     };
-    if body.stream {
-        return error_response(ApiError::invalid_request(
-            "the simulator does not stream /v1/chat/completions",
-        ));
-    }
     if body.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
         return error_response(ApiError::invalid_request(
             "'temperature' must be between 0 and 2",
         ));
     }
-    match run(&shared, &body, &format, fault.as_ref()).await {
-        Ok(reply) => axum::Json(reply).into_response(),
-        Err(error) => error_response(error),
-    }
-}
-
-async fn run(
-    shared: &Arc<Shared>,
-    body: &CompletionBody,
-    format: &Format,
-    fault: Option<&Fault>,
-) -> Result<Value, ApiError> {
-    let target = shared.lock().chat_target(&body.model)?;
-    let instance_id = match target {
-        Target::Loaded(id) => id,
-        Target::NeedsLoad(key) => {
-            let settings = LoadSettings::default();
-            load_instance(shared, &key, settings, true, Route::Completions, |_| {})
-                .await?
-                .0
-        }
+    let (instance_id, flight) = match turn::serve(&shared, &body.model, Route::Completions).await {
+        Ok(served) => served,
+        Err(error) => return error_response(error),
     };
-    let Some(_flight) = InFlight::begin(shared, &instance_id, true)? else {
-        return Err(ApiError::model_not_found(&instance_id));
-    };
-    let prompt: Vec<String> = body.messages.iter().map(|m| text_of(&m.content)).collect();
-    let prompt = prompt.join("\n");
-    let user = body
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == "user")
-        .map(|m| text_of(&m.content))
-        .unwrap_or_default();
-    let content = answer(format, &user, &instance_id, fault);
+    let ask = ask_of(&body, format);
+    let said = turn::say(&ask, &instance_id, fault.as_ref());
     {
         let mut state = shared.lock();
         state.stats.completions += 1;
@@ -262,27 +273,87 @@ async fn run(
             state.stats.cold_completions += 1;
         }
     }
-    let prompt_tokens = prompt.split_whitespace().count() + 4;
-    let completion_tokens = content.split_whitespace().count();
-    Ok(json!({
-        "id": format!("chatcmpl-{:016x}", fastrand::u64(..)),
-        "object": "chat.completion",
-        "created": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        // LM Studio names the instance that answered.
-        "model": instance_id,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": "stop",
-        }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }))
+    let usage = |said: &Said| {
+        let (prompt, completion) = (ask.context_words + 4, said.tokens());
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    };
+    let id = format!("chatcmpl-{:016x}", fastrand::u64(..));
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if !body.stream {
+        let (message, finish) = match &said {
+            Said::Text(text) => (json!({"role": "assistant", "content": text}), "stop"),
+            Said::ToolCall { id, name, arguments } => (
+                json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function",
+                    "function": {"name": name, "arguments": arguments.to_string()}}]}),
+                "tool_calls",
+            ),
+        };
+        drop(flight);
+        return axum::Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            // LM Studio names the instance that answered.
+            "model": instance_id,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": usage(&said),
+        }))
+        .into_response();
+    }
+    let include_usage = body
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        == Some(&json!(true));
+    let (tx, rx) = mpsc::channel::<Value>(64);
+    let delay = turn::token_delay(&shared);
+    let usage = usage(&said);
+    tokio::spawn(async move {
+        let _flight = flight;
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": instance_id,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let mut out = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+        let finish = match &said {
+            Said::Text(text) => {
+                out.extend(pieces(text).map(|p| chunk(json!({"content": p}), Value::Null)));
+                "stop"
+            }
+            Said::ToolCall { id, name, arguments } => {
+                let arguments = arguments.to_string();
+                out.push(chunk(json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
+                    "function": {"name": name, "arguments": ""}}]}), Value::Null));
+                out.extend(pieces(&arguments).map(|p| {
+                    chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}), Value::Null)
+                }));
+                "tool_calls"
+            }
+        };
+        out.push(chunk(json!({}), json!(finish)));
+        if include_usage {
+            out.push(json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                "model": instance_id, "choices": [], "usage": usage}));
+        }
+        for chunk in out {
+            pause(delay).await;
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let events = futures_util::stream::unfold((rx, false), |(mut rx, done)| async move {
+        if done {
+            return None;
+        }
+        Some(match rx.recv().await {
+            Some(chunk) => (Ok::<_, Infallible>(SseEvent::default().data(chunk.to_string())), (rx, false)),
+            None => (Ok(SseEvent::default().data("[DONE]")), (rx, true)),
+        })
+    });
+    Sse::new(events).into_response()
 }
 
 #[cfg(test)]

@@ -76,6 +76,10 @@ pub struct SimStats {
     pub completions: u64,
     /// Of those, the ones asked at temperature 0.
     pub cold_completions: u64,
+    /// Requests answered on `/v1/responses`.
+    pub responses: u64,
+    /// Requests answered on `/v1/messages`.
+    pub messages: u64,
     /// Embedding requests answered.
     pub embeddings: u64,
     /// The most requests any one instance had at the same moment, counted from their arrival

@@ -505,3 +505,24 @@ pub async fn converse_within(
     }
     out
 }
+
+/// Runs one of the Python client scripts (`tests/<name>/check.py`, the real `openai` or
+/// `anthropic` package against the front door) and fails with its output unless it passed.
+pub async fn python_client(name: &str, args: &[&str]) {
+    let script = format!("{}/../tests/{name}/check.py", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .output()
+        .await
+        .expect("python3 runs (CI installs the openai and anthropic packages)");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "{name} client failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.contains(&format!("{name} client: ok")), "{stdout}");
+}

@@ -10,6 +10,7 @@ mod conversations;
 mod errors;
 mod http;
 pub mod llama_server;
+mod relay;
 pub mod lmstudio;
 
 use crate::config::{Config, EngineKind};
@@ -17,6 +18,7 @@ pub use errors::BackendError;
 use errors::{classify_error, decode_reply};
 pub use http::{same_model, Http, Limit, Opened};
 pub use llama_server::LlamaServer;
+pub use relay::{Endpoint, Frame};
 pub use lmstudio::{
     ChatBody, ChatReply, ChatStats, InstanceConfig, LmStudio, LoadBody, LoadReply, LoadedInstance,
     Model, ModelType, OutputItem, StreamEvent, TextSource,
@@ -141,6 +143,29 @@ impl Backend {
         input: &[String],
     ) -> Result<(Vec<Vec<f64>>, Option<String>), BackendError> {
         self.http().embeddings(model, input).await
+    }
+
+    /// Relays a request in an agent's wire format to the engine's endpoint for it.
+    pub async fn relay(
+        &self,
+        endpoint: Endpoint,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, BackendError> {
+        self.http().relay(endpoint, body).await
+    }
+
+    /// As [`Backend::relay`], streamed: each event goes to `on_frame` as it comes.
+    pub async fn relay_stream<F, Fut>(
+        &self,
+        endpoint: Endpoint,
+        body: &serde_json::Value,
+        on_frame: F,
+    ) -> Result<(), BackendError>
+    where
+        F: FnMut(Frame) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        self.http().relay_stream(endpoint, body, on_frame).await
     }
 
     /// The `temperature` range the engine's chat takes: LM Studio's `/api/v1/chat` documents

@@ -217,6 +217,26 @@ pub struct RoutingConfig {
     /// For `auto` tasks with a contract: a model that kept fewer than this share (0 to 1) of
     /// its last 20 contracts (judged after 5) is tried last. Off when unset.
     pub min_pass_rate: Option<f64>,
+    /// The front door's model names: a name or a glob (`"claude-haiku-*"`) → a model key or
+    /// `"auto"`. Agents send the names of cloud models; these say which local model answers.
+    pub aliases: std::collections::BTreeMap<String, String>,
+}
+
+impl RoutingConfig {
+    /// The model a front-door name stands for: its exact alias, else the longest glob that
+    /// matches it (the most specific), else none.
+    pub fn alias_for(&self, name: &str) -> Option<&str> {
+        if let Some(target) = self.aliases.get(name) {
+            return Some(target);
+        }
+        self.aliases
+            .iter()
+            .filter(|(pattern, _)| {
+                glob::Pattern::new(pattern).is_ok_and(|p| p.matches(name))
+            })
+            .max_by_key(|(pattern, _)| pattern.len())
+            .map(|(_, target)| target.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -316,6 +336,18 @@ impl Config {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(ConfigError::Invalid(format!(
                     "[routing] min_pass_rate {rate} is not a share between 0 and 1 (0.8 for 80%)"
+                )));
+            }
+        }
+        for (pattern, target) in &self.routing.aliases {
+            if let Err(error) = glob::Pattern::new(pattern) {
+                return Err(ConfigError::Invalid(format!(
+                    "[routing] aliases: {pattern:?} is not a name or glob: {error}"
+                )));
+            }
+            if target.trim().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "[routing] aliases: {pattern:?} maps to nothing; give a model key or \"auto\""
                 )));
             }
         }
@@ -434,6 +466,21 @@ mod tests {
         assert_eq!(config.lmstudio.url, "http://127.0.0.1:1234");
         assert_eq!(config.lmstudio.poll_interval, Duration::from_secs(5));
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_exact_alias_wins_then_the_most_specific_glob() {
+        let config = Config::parse(
+            "[routing.aliases]\n\"claude-*\" = \"auto\"\n\"claude-haiku-*\" = \"small\"\n\"claude-haiku-4-5\" = \"exact\"\n",
+        )
+        .unwrap();
+        let alias = |name| config.routing.alias_for(name);
+        assert_eq!(alias("claude-haiku-4-5"), Some("exact"));
+        assert_eq!(alias("claude-haiku-3"), Some("small"));
+        assert_eq!(alias("claude-opus-4"), Some("auto"));
+        assert_eq!(alias("gpt-5-mini"), None);
+        let err = Config::parse("[routing.aliases]\n\"gpt-[\" = \"auto\"\n").unwrap_err();
+        assert!(err.to_string().contains("not a name or glob"), "{err}");
     }
 
     #[test]

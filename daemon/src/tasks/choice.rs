@@ -34,6 +34,8 @@ fn meets(model: &Model, needs: &Needs, embedding: bool) -> bool {
     kind_ok
         && (!needs.vision || caps.vision)
         && (!needs.reasoning || caps.reasoning.is_some())
+        // An engine that does not say (llama-server) leaves every model in.
+        && (!needs.tools || model.capabilities.as_ref().is_none_or(|c| c.trained_for_tool_use))
         && needs
             .min_context
             .is_none_or(|min| model.max_context_length.unwrap_or(0) >= min)

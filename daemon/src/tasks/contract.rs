@@ -50,13 +50,19 @@ impl Contract {
         if !chat.choices.is_empty() {
             return Self::choices(&chat.choices).map(Some);
         }
-        Ok(chat.json_object.then(|| Contract {
-            rule: Rule::JsonObject,
-            engine_schema: json!({"type": "object"}),
-        }))
+        Ok(chat.json_object.then(Contract::json_object))
     }
 
-    fn schema(schema: &Value) -> Result<Contract, String> {
+    /// Any JSON object.
+    pub fn json_object() -> Contract {
+        Contract {
+            rule: Rule::JsonObject,
+            engine_schema: json!({"type": "object"}),
+        }
+    }
+
+    /// One JSON value valid against `schema`; a schema that cannot be kept is the reason why.
+    pub fn schema(schema: &Value) -> Result<Contract, String> {
         let size = schema.to_string().len();
         if size > MAX_SCHEMA_BYTES {
             return Err(format!(

@@ -28,6 +28,10 @@ pub enum TaskError {
         model: String,
         source: BackendError,
     },
+    /// A relayed stream broke after part of it reached the client: not retried, which would
+    /// send that part twice.
+    #[error("the engine's stream broke after part of the answer was sent, so lmsd did not retry it: {source}")]
+    StreamBroken { source: BackendError },
     /// A request lmsd refuses before it reaches the engine.
     #[error("{0}")]
     BadRequest(String),
@@ -83,9 +87,9 @@ impl TaskError {
             TaskError::Cancelled => ErrorCode::Cancelled,
             TaskError::OutputInvalid { .. } => ErrorCode::OutputInvalid,
             TaskError::SessionLost { .. } => ErrorCode::SessionLost,
-            TaskError::Pool(PoolError::UnloadNotVerified { .. }) | TaskError::EmptyReply { .. } => {
-                ErrorCode::BackendError
-            }
+            TaskError::Pool(PoolError::UnloadNotVerified { .. })
+            | TaskError::EmptyReply { .. }
+            | TaskError::StreamBroken { .. } => ErrorCode::BackendError,
         };
         let mut wire = WireError::new(code, self.to_string());
         if let TaskError::OutputInvalid {

@@ -10,6 +10,7 @@ pub mod sessions;
 
 mod contract;
 mod errors;
+mod forward;
 mod runner;
 mod work;
 
@@ -28,8 +29,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, Model, ModelType, TextSource};
 use crate::config::Config;
 use crate::pool::{PoolError, PoolHandle};
-use contract::Contract;
+
+pub use contract::Contract;
 pub use errors::TaskError;
+pub use forward::{forward, ForwardOutcome, ForwardRequest, Tokens};
 use registry::Registry;
 use runner::{run_task, Done, Work};
 use sessions::Sessions;

@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::choice::{self, Candidate, PoolView};
 use super::contract::Contract;
+use super::forward::{self, ForwardRequest, Tokens};
 use super::registry::TaskHandle;
 use super::sessions::SystemPrompt;
 use super::work::context_needed;
 use super::{millis, Context, EventSink, TaskError};
-use crate::backend::{BackendError, ChatReply, TextSource};
+use crate::backend::{BackendError, ChatReply, Frame, TextSource};
 use crate::ledger::{ContractCheck, ContractResult, Record};
 use crate::pool::{AcquireRequest, Lease, PoolError, PoolProgress, Progress};
 use lmsd_proto::{ChatRequest, EmbedRequest};
@@ -44,6 +45,11 @@ pub(super) enum Work<'a> {
         contract: Option<&'a Contract>,
     },
     Embed(&'a EmbedRequest),
+    /// A request in an agent's wire format, relayed to the engine's endpoint for it.
+    Forward {
+        request: &'a ForwardRequest,
+        relay: Option<&'a tokio::sync::mpsc::Sender<Frame>>,
+    },
 }
 
 pub(super) enum Done {
@@ -55,6 +61,11 @@ pub(super) enum Done {
         json: Option<serde_json::Value>,
     },
     Embed(Vec<Vec<f64>>),
+    /// The engine's reply to a relayed request (for a stream, its last whole object).
+    Forward {
+        reply: serde_json::Value,
+        usage: Tokens,
+    },
 }
 
 impl Done {
@@ -62,7 +73,36 @@ impl Done {
     pub(super) fn text(&self) -> Option<(String, TextSource)> {
         match self {
             Done::Chat { reply, .. } => reply.text(),
-            Done::Embed(_) => None,
+            Done::Embed(_) | Done::Forward { .. } => None,
+        }
+    }
+
+    /// The answer a contract checks: a chat's message (not its reasoning, even when that is
+    /// all there is), a relayed chat completion's content.
+    fn answer(&self) -> String {
+        match self {
+            Done::Chat { reply, .. } => match reply.text() {
+                Some((text, TextSource::Message)) => text,
+                _ => String::new(),
+            },
+            Done::Forward { reply, .. } => forward::answer_of(reply),
+            Done::Embed(_) => String::new(),
+        }
+    }
+
+    /// The same, with the answer that kept the contract parsed.
+    fn kept(self, json: serde_json::Value) -> Done {
+        match self {
+            Done::Chat { reply, system, .. } => Done::Chat {
+                reply,
+                system,
+                json: Some(json),
+            },
+            Done::Forward { reply, usage } => Done::Forward {
+                reply: forward::with_answer(reply, &json),
+                usage,
+            },
+            done @ Done::Embed(_) => done,
         }
     }
 }
@@ -291,12 +331,16 @@ impl<'a> Task<'a> {
                 chat.context_length,
                 context_needed(chat),
             ),
-            Work::Embed(_) => (None, None, None),
+            Work::Embed(_) | Work::Forward { .. } => (None, None, None),
         };
         let mut transient_tries = 0;
         // After an answer broke its contract, the one retry on this model runs at temperature 0.
         let mut cold = false;
-        let already_cold = matches!(work, Work::Chat { chat, .. } if chat.temperature == Some(0.0));
+        let already_cold = match work {
+            Work::Chat { chat, .. } => chat.temperature == Some(0.0),
+            Work::Forward { request, .. } => request.body["temperature"].as_f64() == Some(0.0),
+            Work::Embed(_) => false,
+        };
         let mut unreachable_since = None;
         let outage_wait = self.ctx.config.borrow().tasks.outage_wait;
         let mut reloaded = false;
@@ -407,22 +451,19 @@ impl<'a> Task<'a> {
         done: Done,
         attempt: ContractAttempt<'_>,
     ) -> Result<Done, TaskError> {
-        let Work::Chat {
-            chat,
-            contract: Some(contract),
-        } = work
-        else {
-            return Ok(done);
-        };
-        let Done::Chat { reply, system, .. } = done else {
-            return Ok(done);
+        let (contract, constrained) = match work {
+            Work::Chat {
+                chat,
+                contract: Some(contract),
+            } => (*contract, !chat.check_only),
+            Work::Forward { request, .. } => match &request.contract {
+                Some(contract) => (contract, true),
+                None => return Ok(done),
+            },
+            _ => return Ok(done),
         };
         self.answers += 1;
-        // The message only: reasoning is not the answer, even when it is all there is.
-        let answer = match reply.text() {
-            Some((text, TextSource::Message)) => text,
-            _ => String::new(),
-        };
+        let answer = done.answer();
         let checked = contract.check(&answer);
         let result = match (&checked, attempt.retry, attempt.last) {
             (Ok(_), false, _) => Some(ContractResult::PassedFirst),
@@ -434,18 +475,14 @@ impl<'a> Task<'a> {
             let check = ContractCheck {
                 kind: contract.kind(),
                 result,
-                constrained: !chat.check_only,
+                constrained,
             };
             self.ctx
                 .ledger
                 .append(Record::contract(attempt.model, check));
         }
         match checked {
-            Ok(value) => Ok(Done::Chat {
-                reply,
-                system,
-                json: Some(value),
-            }),
+            Ok(value) => Ok(done.kept(value)),
             Err(problems) => Err(TaskError::OutputInvalid {
                 kind: contract.kind(),
                 attempts: self.answers,
@@ -546,13 +583,11 @@ pub(super) async fn run_task(
     let embedding = kind == TaskKind::Embed;
     // Boxed: a waiting task's future stays small, the room for running it is taken when it runs.
     let mut run = Box::pin(async {
-        let contract = matches!(
-            work,
-            Work::Chat {
-                contract: Some(_),
-                ..
-            }
-        );
+        let contract = match &work {
+            Work::Chat { contract, .. } => contract.is_some(),
+            Work::Forward { request, .. } => request.contract.is_some(),
+            Work::Embed(_) => false,
+        };
         let candidates = task.candidates(model, embedding, contract).await?;
         task.run(&candidates, &work).await
     });

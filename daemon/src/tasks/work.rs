@@ -35,6 +35,7 @@ impl Task<'_> {
                 }
                 Ok(Done::Embed(vectors))
             }
+            Work::Forward { request, relay } => self.relay(lease, request, *relay, cold).await,
             Work::Chat { chat, contract } => {
                 let continues = self.continues(chat, &candidate.model)?;
                 // The system prompt of the conversation this reply belongs to: the one it began
