@@ -155,7 +155,12 @@ fn mentions(prompt: &str, label: &str) -> bool {
 }
 
 /// The answer's text, as a model under `fault` would give it.
-pub(crate) fn answer(format: &Format, prompt: &str, instance_id: &str, fault: Option<&Fault>) -> String {
+pub(crate) fn answer(
+    format: &Format,
+    prompt: &str,
+    instance_id: &str,
+    fault: Option<&Fault>,
+) -> String {
     let Format::Schema(schema) = format else {
         return format!("Simulated reply from {instance_id}: this sentence stands in for a real model's answer.");
     };
@@ -284,7 +289,11 @@ pub(crate) async fn completions(
     if !body.stream {
         let (message, finish) = match &said {
             Said::Text(text) => (json!({"role": "assistant", "content": text}), "stop"),
-            Said::ToolCall { id, name, arguments } => (
+            Said::ToolCall {
+                id,
+                name,
+                arguments,
+            } => (
                 json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function",
                     "function": {"name": name, "arguments": arguments.to_string()}}]}),
                 "tool_calls",
@@ -316,26 +325,41 @@ pub(crate) async fn completions(
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": instance_id,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
-        let mut out = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+        let mut out = vec![chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        )];
         let finish = match &said {
             Said::Text(text) => {
                 out.extend(pieces(text).map(|p| chunk(json!({"content": p}), Value::Null)));
                 "stop"
             }
-            Said::ToolCall { id, name, arguments } => {
+            Said::ToolCall {
+                id,
+                name,
+                arguments,
+            } => {
                 let arguments = arguments.to_string();
-                out.push(chunk(json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
-                    "function": {"name": name, "arguments": ""}}]}), Value::Null));
+                out.push(chunk(
+                    json!({"tool_calls": [{"index": 0, "id": id, "type": "function",
+                    "function": {"name": name, "arguments": ""}}]}),
+                    Value::Null,
+                ));
                 out.extend(pieces(&arguments).map(|p| {
-                    chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}), Value::Null)
+                    chunk(
+                        json!({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}),
+                        Value::Null,
+                    )
                 }));
                 "tool_calls"
             }
         };
         out.push(chunk(json!({}), json!(finish)));
         if include_usage {
-            out.push(json!({"id": id, "object": "chat.completion.chunk", "created": created,
-                "model": instance_id, "choices": [], "usage": usage}));
+            out.push(
+                json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                "model": instance_id, "choices": [], "usage": usage}),
+            );
         }
         for chunk in out {
             pause(delay).await;
@@ -349,7 +373,10 @@ pub(crate) async fn completions(
             return None;
         }
         Some(match rx.recv().await {
-            Some(chunk) => (Ok::<_, Infallible>(SseEvent::default().data(chunk.to_string())), (rx, false)),
+            Some(chunk) => (
+                Ok::<_, Infallible>(SseEvent::default().data(chunk.to_string())),
+                (rx, false),
+            ),
             None => (Ok(SseEvent::default().data("[DONE]")), (rx, true)),
         })
     });

@@ -29,14 +29,14 @@ mod api;
 pub mod catalogue;
 mod chat;
 pub mod completions;
-mod messages;
-mod responses;
-mod turn;
 mod embeddings;
 mod errors;
 pub mod faults;
+mod messages;
+mod responses;
 mod server;
 mod state;
+mod turn;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};

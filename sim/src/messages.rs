@@ -42,7 +42,10 @@ struct Message {
 
 /// The output of the tool result a message carries, if it carries one.
 fn tool_result(content: &Value) -> Option<String> {
-    let block = content.as_array()?.iter().find(|b| b["type"] == "tool_result")?;
+    let block = content
+        .as_array()?
+        .iter()
+        .find(|b| b["type"] == "tool_result")?;
     Some(text_of(&block["content"]))
 }
 
@@ -61,7 +64,11 @@ fn ask_of(body: &MessagesBody) -> Ask {
         Some("none") => ToolChoice::None,
         Some("any") => ToolChoice::Required,
         Some("tool") => ToolChoice::Named(
-            body.tool_choice.as_ref().and_then(|c| c["name"].as_str()).unwrap_or_default().to_owned(),
+            body.tool_choice
+                .as_ref()
+                .and_then(|c| c["name"].as_str())
+                .unwrap_or_default()
+                .to_owned(),
         ),
         _ => ToolChoice::Auto,
     };
@@ -89,7 +96,11 @@ fn ask_of(body: &MessagesBody) -> Ask {
 fn block_of(said: &Said) -> Value {
     match said {
         Said::Text(text) => json!({"type": "text", "text": text}),
-        Said::ToolCall { id, name, arguments } => {
+        Said::ToolCall {
+            id,
+            name,
+            arguments,
+        } => {
             json!({"type": "tool_use", "id": id.replacen("call_", "toolu_", 1), "name": name, "input": arguments})
         }
     }
@@ -127,20 +138,30 @@ pub(crate) async fn messages(
         drop(flight);
         return axum::Json(message(json!([block]), json!(stop_reason), output)).into_response();
     }
-    let mut events = vec![
-        ("message_start", json!({"message": message(json!([]), Value::Null, 1)})),
-    ];
+    let mut events = vec![(
+        "message_start",
+        json!({"message": message(json!([]), Value::Null, 1)}),
+    )];
     match &said {
         Said::Text(text) => {
-            events.push(("content_block_start", json!({"index": 0, "content_block": {"type": "text", "text": ""}})));
+            events.push((
+                "content_block_start",
+                json!({"index": 0, "content_block": {"type": "text", "text": ""}}),
+            ));
             for piece in turn::pieces(text) {
-                events.push(("content_block_delta", json!({"index": 0, "delta": {"type": "text_delta", "text": piece}})));
+                events.push((
+                    "content_block_delta",
+                    json!({"index": 0, "delta": {"type": "text_delta", "text": piece}}),
+                ));
             }
         }
         Said::ToolCall { arguments, .. } => {
             let mut start = block.clone();
             start["input"] = json!({});
-            events.push(("content_block_start", json!({"index": 0, "content_block": start})));
+            events.push((
+                "content_block_start",
+                json!({"index": 0, "content_block": start}),
+            ));
             let arguments = arguments.to_string();
             for piece in turn::pieces(&arguments) {
                 events.push(("content_block_delta", json!({"index": 0, "delta": {"type": "input_json_delta", "partial_json": piece}})));
@@ -148,8 +169,11 @@ pub(crate) async fn messages(
         }
     }
     events.push(("content_block_stop", json!({"index": 0})));
-    events.push(("message_delta", json!({"delta": {"stop_reason": stop_reason, "stop_sequence": null},
-        "usage": {"output_tokens": output}})));
+    events.push((
+        "message_delta",
+        json!({"delta": {"stop_reason": stop_reason, "stop_sequence": null},
+        "usage": {"output_tokens": output}}),
+    ));
     events.push(("message_stop", json!({})));
     for (name, data) in &mut events {
         data["type"] = json!(*name);

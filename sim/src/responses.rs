@@ -45,7 +45,11 @@ fn ask_of(body: &ResponsesBody) -> Result<Ask, ApiError> {
     let items = match &body.input {
         Value::String(text) => vec![json!({"role": "user", "content": text})],
         Value::Array(items) => items.clone(),
-        _ => return Err(ApiError::invalid_request("'input' must be a string or an array")),
+        _ => {
+            return Err(ApiError::invalid_request(
+                "'input' must be a string or an array",
+            ))
+        }
     };
     let text_of_item = |item: &Value| match item["type"].as_str() {
         Some("function_call_output") => item["output"].as_str().unwrap_or_default().to_owned(),
@@ -84,7 +88,10 @@ fn ask_of(body: &ResponsesBody) -> Result<Ask, ApiError> {
             .iter()
             .map(|i| text_of_item(i).split_whitespace().count())
             .sum::<usize>()
-            + body.instructions.as_deref().map_or(0, |i| i.split_whitespace().count()),
+            + body
+                .instructions
+                .as_deref()
+                .map_or(0, |i| i.split_whitespace().count()),
         tools,
         tool_choice,
         tool_result: last
@@ -99,7 +106,11 @@ fn item_of(said: &Said, item_id: &str) -> Value {
     match said {
         Said::Text(text) => json!({"type": "message", "id": item_id, "status": "completed",
             "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}),
-        Said::ToolCall { id, name, arguments } => json!({"type": "function_call", "id": item_id,
+        Said::ToolCall {
+            id,
+            name,
+            arguments,
+        } => json!({"type": "function_call", "id": item_id,
             "call_id": id, "name": name, "arguments": arguments.to_string(), "status": "completed"}),
     }
 }
@@ -123,9 +134,8 @@ pub(crate) async fn responses(
         Some(id) => match shared.lock().responses.get(id).cloned() {
             Some(stored) => Some(stored),
             None => {
-                let mut error = ApiError::invalid_request(format!(
-                    "Prediction history node {id} not found"
-                ));
+                let mut error =
+                    ApiError::invalid_request(format!("Prediction history node {id} not found"));
                 error.code = Some("previous_response_not_found");
                 return error_response(error);
             }
@@ -145,9 +155,13 @@ pub(crate) async fn responses(
         if body.store != Some(false) {
             let turn = previous.as_ref().map_or(1, |p| p.turn + 1);
             let context_tokens = input + output;
-            state
-                .responses
-                .insert(id.clone(), StoredResponse { turn, context_tokens });
+            state.responses.insert(
+                id.clone(),
+                StoredResponse {
+                    turn,
+                    context_tokens,
+                },
+            );
             state.stats.stored_responses += 1;
         }
     }
@@ -164,42 +178,75 @@ pub(crate) async fn responses(
         return axum::Json(response("completed", json!([item]))).into_response();
     }
     let mut events = vec![
-        ("response.created", json!({"response": response("in_progress", json!([]))})),
-        ("response.in_progress", json!({"response": response("in_progress", json!([]))})),
+        (
+            "response.created",
+            json!({"response": response("in_progress", json!([]))}),
+        ),
+        (
+            "response.in_progress",
+            json!({"response": response("in_progress", json!([]))}),
+        ),
     ];
     match &said {
         Said::Text(text) => {
             let mut added = item.clone();
             added["content"] = json!([]);
             added["status"] = json!("in_progress");
-            events.push(("response.output_item.added", json!({"output_index": 0, "item": added})));
+            events.push((
+                "response.output_item.added",
+                json!({"output_index": 0, "item": added}),
+            ));
             events.push(("response.content_part.added", json!({"item_id": item_id, "output_index": 0,
                 "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})));
             for piece in turn::pieces(text) {
-                events.push(("response.output_text.delta", json!({"item_id": item_id,
-                    "output_index": 0, "content_index": 0, "delta": piece})));
+                events.push((
+                    "response.output_text.delta",
+                    json!({"item_id": item_id,
+                    "output_index": 0, "content_index": 0, "delta": piece}),
+                ));
             }
-            events.push(("response.output_text.done", json!({"item_id": item_id, "output_index": 0,
-                "content_index": 0, "text": text})));
-            events.push(("response.content_part.done", json!({"item_id": item_id, "output_index": 0,
-                "content_index": 0, "part": item["content"][0]})));
+            events.push((
+                "response.output_text.done",
+                json!({"item_id": item_id, "output_index": 0,
+                "content_index": 0, "text": text}),
+            ));
+            events.push((
+                "response.content_part.done",
+                json!({"item_id": item_id, "output_index": 0,
+                "content_index": 0, "part": item["content"][0]}),
+            ));
         }
         Said::ToolCall { arguments, .. } => {
             let mut added = item.clone();
             added["arguments"] = json!("");
             added["status"] = json!("in_progress");
-            events.push(("response.output_item.added", json!({"output_index": 0, "item": added})));
+            events.push((
+                "response.output_item.added",
+                json!({"output_index": 0, "item": added}),
+            ));
             let arguments = arguments.to_string();
             for piece in turn::pieces(&arguments) {
-                events.push(("response.function_call_arguments.delta", json!({"item_id": item_id,
-                    "output_index": 0, "delta": piece})));
+                events.push((
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": item_id,
+                    "output_index": 0, "delta": piece}),
+                ));
             }
-            events.push(("response.function_call_arguments.done", json!({"item_id": item_id,
-                "output_index": 0, "arguments": arguments})));
+            events.push((
+                "response.function_call_arguments.done",
+                json!({"item_id": item_id,
+                "output_index": 0, "arguments": arguments}),
+            ));
         }
     }
-    events.push(("response.output_item.done", json!({"output_index": 0, "item": item})));
-    events.push(("response.completed", json!({"response": response("completed", json!([item]))})));
+    events.push((
+        "response.output_item.done",
+        json!({"output_index": 0, "item": item}),
+    ));
+    events.push((
+        "response.completed",
+        json!({"response": response("completed", json!([item]))}),
+    ));
     for (number, (name, data)) in events.iter_mut().enumerate() {
         data["type"] = json!(*name);
         data["sequence_number"] = json!(number);

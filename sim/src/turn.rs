@@ -201,7 +201,11 @@ mod tests {
 
     #[test]
     fn a_tool_is_called_when_named_or_required_and_a_result_is_answered_in_text() {
-        let called = say(&ask("use get_weather for Paris", ToolChoice::Auto), "m", None);
+        let called = say(
+            &ask("use get_weather for Paris", ToolChoice::Auto),
+            "m",
+            None,
+        );
         assert!(matches!(called, Said::ToolCall { ref name, .. } if name == "get_weather"));
         let plain = say(&ask("hello", ToolChoice::Auto), "m", None);
         assert!(matches!(plain, Said::Text(_)));

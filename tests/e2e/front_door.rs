@@ -18,7 +18,11 @@ async fn the_openai_client_works_against_the_front_door() {
     let port = free_port();
     let daemon = front_door(&sim, port).await;
     let base = format!("http://127.0.0.1:{port}/v1");
-    python_client("openai", &[&base, "k-test", "simulator", "ibm/granite-4-micro"]).await;
+    python_client(
+        "openai",
+        &[&base, "k-test", "simulator", "ibm/granite-4-micro"],
+    )
+    .await;
     let stats = sim.stats();
     assert!(stats.responses > 0 && stats.completions > 0, "{stats:?}");
     let metrics = reqwest::Client::new()
@@ -44,7 +48,11 @@ async fn the_anthropic_client_works_against_the_front_door() {
     let port = free_port();
     let daemon = front_door(&sim, port).await;
     let base = format!("http://127.0.0.1:{port}");
-    python_client("anthropic", &[&base, "k-test", "simulator", "ibm/granite-4-micro"]).await;
+    python_client(
+        "anthropic",
+        &[&base, "k-test", "simulator", "ibm/granite-4-micro"],
+    )
+    .await;
     assert!(sim.stats().messages > 0);
     // Relayed requests are tasks: in the ledger, with the tokens the engine reported.
     let savings = daemon.ctl(&["--json", "savings"]).await;

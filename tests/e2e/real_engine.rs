@@ -576,3 +576,25 @@ async fn gemma_keeps_a_schema_a_choice_and_a_json_object_under_constraint() {
     assert!(any["json"].is_object(), "{any}");
     assert_eq!(any["contract"]["kind"], "json_object");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma_answers_the_openai_and_anthropic_clients_through_the_front_door() {
+    let Some(router) = router(&[GEMMA]).await else {
+        return;
+    };
+    let port = free_port();
+    let extra = format!(
+        "request_timeout = \"120s\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\napi_keys = [\"k-real\"]\n"
+    );
+    let daemon = daemon_for(&router, &extra).await;
+    let root = format!("http://127.0.0.1:{port}");
+    python_client(
+        "openai",
+        &[&format!("{root}/v1"), "k-real", "llama-server", GEMMA],
+    )
+    .await;
+    python_client("anthropic", &[&root, "k-real", "llama-server", GEMMA]).await;
+    // Every request was a task on the one instance lmsd loaded.
+    let status = daemon.ctl(&["--json", "status"]).await;
+    assert!(status.stdout.contains(GEMMA), "{}", status.stdout);
+}

@@ -10,19 +10,19 @@ mod conversations;
 mod errors;
 mod http;
 pub mod llama_server;
-mod relay;
 pub mod lmstudio;
+mod relay;
 
 use crate::config::{Config, EngineKind};
 pub use errors::BackendError;
 use errors::{classify_error, decode_reply};
 pub use http::{same_model, Http, Limit, Opened};
 pub use llama_server::LlamaServer;
-pub use relay::{Endpoint, Frame};
 pub use lmstudio::{
     ChatBody, ChatReply, ChatStats, InstanceConfig, LmStudio, LoadBody, LoadReply, LoadedInstance,
     Model, ModelType, OutputItem, StreamEvent, TextSource,
 };
+pub use relay::{Endpoint, Frame};
 
 /// A cheap-to-clone client for the configured engine.
 #[derive(Debug, Clone)]

@@ -231,9 +231,7 @@ impl RoutingConfig {
         }
         self.aliases
             .iter()
-            .filter(|(pattern, _)| {
-                glob::Pattern::new(pattern).is_ok_and(|p| p.matches(name))
-            })
+            .filter(|(pattern, _)| glob::Pattern::new(pattern).is_ok_and(|p| p.matches(name)))
             .max_by_key(|(pattern, _)| pattern.len())
             .map(|(_, target)| target.as_str())
     }

@@ -35,12 +35,12 @@ fn refusal(body: &Value) -> Option<(String, &'static str)> {
     for tool in tools {
         match tool["type"].as_str() {
             None | Some("custom") => {}
-            Some(kind) => {
-                return Some((
-                    format!("lmsd's engines run your own tools only, not Anthropic's server tool {kind:?}"),
-                    "tools",
-                ))
-            }
+            Some(kind) => return Some((
+                format!(
+                    "lmsd's engines run your own tools only, not Anthropic's server tool {kind:?}"
+                ),
+                "tools",
+            )),
         }
     }
     None
@@ -85,13 +85,17 @@ fn offers_tools(body: &Value) -> bool {
 }
 
 /// A body read as far as lmsd must, or the error response for it.
-async fn prepare(front: &Front, headers: &HeaderMap, body: &Bytes) -> Result<(Value, String, Wants), Response> {
+async fn prepare(
+    front: &Front,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Value, String, Wants), Response> {
     authorize(front, headers).map_err(|wire| DIALECT.error(wire))?;
     let mut body = parse_object(body).map_err(|wire| DIALECT.error(wire))?;
     if let Some((why, _field)) = refusal(&body) {
         return Err(DIALECT.error(WireError::bad_request(why)));
     }
-    if !body["messages"].as_array().is_some_and(|m| !m.is_empty()) {
+    if body["messages"].as_array().is_none_or(|m| m.is_empty()) {
         return Err(DIALECT.error(WireError::bad_request(
             "messages must be a non-empty array of messages",
         )));
@@ -159,7 +163,10 @@ pub(super) async fn count_tokens(
             .map(|v| if v.is_null() { 0 } else { v.to_string().len() })
             .sum::<usize>();
         let tokens = text.div_ceil(BYTES_PER_TOKEN);
-        return ([("x-lmsd-estimate", "bytes/4")], Json(json!({"input_tokens": tokens})))
+        return (
+            [("x-lmsd-estimate", "bytes/4")],
+            Json(json!({"input_tokens": tokens})),
+        )
             .into_response();
     }
     let request = ForwardRequest {
@@ -195,7 +202,10 @@ mod tests {
         let mut plain = json!({"system": [{"type": "text", "text": "kept as blocks"}],
             "messages": [{"role": "user", "content": "hi"}]});
         hoist_system(&mut plain);
-        assert!(plain["system"].is_array(), "left alone without system entries");
+        assert!(
+            plain["system"].is_array(),
+            "left alone without system entries"
+        );
     }
 
     #[test]

@@ -271,9 +271,7 @@ async fn models(State(front): State<Front>, headers: HeaderMap) -> Response {
         Ok(status) => {
             let created = unix_now();
             let engine = front.ctx.backend.kind().name();
-            let model = |id: &str, owner: &str| {
-                json!({"id": id, "object": "model", "created": created, "owned_by": owner})
-            };
+            let model = |id: &str, owner: &str| json!({"id": id, "object": "model", "created": created, "owned_by": owner});
             let mut data: Vec<Value> = status
                 .catalogue
                 .iter()
@@ -320,7 +318,10 @@ mod tests {
         let nested = json!([{"role": "user", "content": [{"type": "tool_result",
             "content": [{"type": "image", "source": {}}]}]}]);
         assert!(has_part(&nested, "image"));
-        assert!(!has_part(&json!([{"role": "user", "content": "plain"}]), "image"));
+        assert!(!has_part(
+            &json!([{"role": "user", "content": "plain"}]),
+            "image"
+        ));
     }
 
     #[test]

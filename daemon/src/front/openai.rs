@@ -37,11 +37,9 @@ pub(super) fn contract_of(body: &mut Value) -> Result<Option<Contract>, WireErro
             Contract::schema(&schema.unwrap_or_else(|| json!({})))
                 .map_err(WireError::bad_request)?
         }
-        _ => {
-            return Err(WireError::bad_request(format!(
-                "response_format {format} is not one lmsd knows: use text, json_object or json_schema"
-            )))
-        }
+        _ => return Err(WireError::bad_request(format!(
+            "response_format {format} is not one lmsd knows: use text, json_object or json_schema"
+        ))),
     };
     let name = format
         .pointer("/json_schema/name")
@@ -66,7 +64,7 @@ pub(super) async fn chat_completions(
         Ok(body) => body,
         Err(wire) => return dialect.error(wire),
     };
-    if !body["messages"].as_array().is_some_and(|m| !m.is_empty()) {
+    if body["messages"].as_array().is_none_or(|m| m.is_empty()) {
         return dialect.error_about(
             WireError::bad_request("messages must be a non-empty array of messages"),
             Some("messages"),
@@ -163,9 +161,11 @@ pub(super) async fn embeddings(
         Ok(body) => body,
         Err(wire) => return dialect.error(wire),
     };
-    let unknown = body
-        .as_object()
-        .and_then(|fields| fields.keys().find(|k| !EMBEDDINGS_FIELDS.contains(&k.as_str())));
+    let unknown = body.as_object().and_then(|fields| {
+        fields
+            .keys()
+            .find(|k| !EMBEDDINGS_FIELDS.contains(&k.as_str()))
+    });
     if let Some(field) = unknown {
         return dialect.error_about(
             WireError::bad_request(format!(
@@ -176,7 +176,9 @@ pub(super) async fn embeddings(
     }
     let body: EmbeddingsBody = match serde_json::from_value(body) {
         Ok(body) => body,
-        Err(e) => return dialect.error(WireError::bad_request(format!("invalid request body: {e}"))),
+        Err(e) => {
+            return dialect.error(WireError::bad_request(format!("invalid request body: {e}")))
+        }
     };
     let base64 = body.encoding_format == EncodingFormat::Base64;
     let input = match body.input {
@@ -186,8 +188,7 @@ pub(super) async fn embeddings(
     if input.is_empty() {
         return dialect.error(WireError::bad_request("input must hold at least one text"));
     }
-    let model = match resolve_model(&front, &json!({"model": body.model}), Wants::default()).await
-    {
+    let model = match resolve_model(&front, &json!({"model": body.model}), Wants::default()).await {
         Ok(model) => model,
         Err(wire) => return dialect.error_about(wire, Some("model")),
     };

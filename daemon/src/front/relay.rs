@@ -34,7 +34,9 @@ pub(super) async fn whole(
 pub(super) enum Shape {
     /// OpenAI chat chunks; lmsd always asks for the usage chunk (the ledger counts it), and
     /// passes it on only to a client that asked too.
-    Chat { include_usage: bool },
+    Chat {
+        include_usage: bool,
+    },
     Responses,
     Messages,
 }

@@ -65,8 +65,8 @@ impl History {
         if let Some(output) = response["output"].as_array() {
             items.extend(output.iter().cloned());
         }
-        let bytes = items.iter().map(|i| i.to_string().len()).sum::<usize>()
-            + response.to_string().len();
+        let bytes =
+            items.iter().map(|i| i.to_string().len()).sum::<usize>() + response.to_string().len();
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         kept.bytes += bytes;
         kept.order.push_back(id.clone());
@@ -121,7 +121,11 @@ fn not_found(id: &str, param: Option<&str>) -> Response {
 /// conversations or prompts of OpenAI's, and only function tools (and LM Studio's remote MCP).
 fn refusal(body: &Value, engine: EngineKind) -> Option<(String, &'static str)> {
     if body["background"] == true {
-        return Some(("lmsd runs no background responses: leave background out, or use lmsd's batch jobs".into(), "background"));
+        return Some((
+            "lmsd runs no background responses: leave background out, or use lmsd's batch jobs"
+                .into(),
+            "background",
+        ));
     }
     for field in ["conversation", "prompt"] {
         if !body[field].is_null() {
@@ -346,7 +350,8 @@ fn chat_body(body: &Value, items: &[Value]) -> Result<Value, WireError> {
         }}),
         _ => json!({"type": "json_object"}),
     };
-    let mut chat = json!({"model": body["model"], "messages": messages, "response_format": response_format});
+    let mut chat =
+        json!({"model": body["model"], "messages": messages, "response_format": response_format});
     for (from, to) in [
         ("max_output_tokens", "max_tokens"),
         ("temperature", "temperature"),
@@ -360,12 +365,7 @@ fn chat_body(body: &Value, items: &[Value]) -> Result<Value, WireError> {
 }
 
 /// A chat completion's answer as a Responses object.
-fn response_of(
-    chat: &Value,
-    task_id: &str,
-    text: &Value,
-    usage: crate::tasks::Tokens,
-) -> Value {
+fn response_of(chat: &Value, task_id: &str, text: &Value, usage: crate::tasks::Tokens) -> Value {
     let answer = chat
         .pointer("/choices/0/message/content")
         .cloned()
@@ -413,7 +413,11 @@ mod tests {
     #[test]
     fn a_conversation_is_each_turns_input_then_output_oldest_first() {
         let history = History::default();
-        history.keep(None, vec![json!({"role": "user", "content": "one"})], &response("r1", "1"));
+        history.keep(
+            None,
+            vec![json!({"role": "user", "content": "one"})],
+            &response("r1", "1"),
+        );
         history.keep(
             Some("r1".into()),
             vec![json!({"role": "user", "content": "two"})],
@@ -465,7 +469,11 @@ mod tests {
         assert!(refusal(&json!({"background": true}), lm).is_some());
         assert!(refusal(&json!({"tools": [{"type": "web_search"}]}), lm).is_some());
         assert!(refusal(&json!({"tools": [{"type": "mcp"}]}), lm).is_none());
-        assert!(refusal(&json!({"tools": [{"type": "mcp"}]}), EngineKind::LlamaServer).is_some());
+        assert!(refusal(
+            &json!({"tools": [{"type": "mcp"}]}),
+            EngineKind::LlamaServer
+        )
+        .is_some());
         assert!(refusal(&json!({"tools": [{"type": "function", "name": "f"}]}), lm).is_none());
     }
 }

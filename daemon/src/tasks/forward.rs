@@ -86,7 +86,13 @@ pub async fn forward(
         Ok(outcome) => Ok((&outcome.task, outcome.usage.input, outcome.usage.output)),
         Err(error) => Err(error),
     };
-    record(ctx, "chat", &request.model, request.options.tag.clone(), entry);
+    record(
+        ctx,
+        "chat",
+        &request.model,
+        request.options.tag.clone(),
+        entry,
+    );
     result
 }
 
@@ -331,6 +337,9 @@ mod tests {
             kind: None,
             message: "busy".into(),
         };
-        assert!(matches!(refused_as_bad_request(busy), TaskError::Backend(_)));
+        assert!(matches!(
+            refused_as_bad_request(busy),
+            TaskError::Backend(_)
+        ));
     }
 }
