@@ -35,12 +35,14 @@ fn refusal(body: &Value) -> Option<(String, &'static str)> {
     for tool in tools {
         match tool["type"].as_str() {
             None | Some("custom") => {}
-            Some(kind) => return Some((
-                format!(
+            Some(kind) => {
+                return Some((
+                    format!(
                     "lmsd's engines run your own tools only, not Anthropic's server tool {kind:?}"
                 ),
-                "tools",
-            )),
+                    "tools",
+                ))
+            }
         }
     }
     None

@@ -37,9 +37,11 @@ pub(super) fn contract_of(body: &mut Value) -> Result<Option<Contract>, WireErro
             Contract::schema(&schema.unwrap_or_else(|| json!({})))
                 .map_err(WireError::bad_request)?
         }
-        _ => return Err(WireError::bad_request(format!(
+        _ => {
+            return Err(WireError::bad_request(format!(
             "response_format {format} is not one lmsd knows: use text, json_object or json_schema"
-        ))),
+        )))
+        }
     };
     let name = format
         .pointer("/json_schema/name")
