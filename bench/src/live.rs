@@ -224,42 +224,85 @@ pub async fn dispatch_overhead(
 #[derive(Debug, Serialize)]
 pub struct FrontDoor {
     pub socket: Spread,
-    pub http: Spread,
-    pub http_minus_socket_p50_us: f64,
+    /// Each of the front door's wire formats, the same chat in it.
+    pub apis: Vec<FrontDoorApi>,
 }
 
-/// P6: the same chat through the OpenAI-compatible front door and through the socket.
+#[derive(Debug, Serialize)]
+pub struct FrontDoorApi {
+    pub api: &'static str,
+    pub spread: Spread,
+    pub minus_socket_p50_us: f64,
+}
+
+/// The same short chat in each front-door format: path and body.
+fn front_door_requests() -> [(&'static str, &'static str, serde_json::Value); 3] {
+    let prompt = "Summarise: the quick brown fox";
+    [
+        (
+            "chat completions",
+            "/v1/chat/completions",
+            serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": prompt}]}),
+        ),
+        (
+            "responses",
+            "/v1/responses",
+            serde_json::json!({"model": MODEL, "input": prompt, "store": false}),
+        ),
+        (
+            "messages",
+            "/v1/messages",
+            serde_json::json!({"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": prompt}]}),
+        ),
+    ]
+}
+
+/// P6: the same chat through each of the front door's formats and through the socket,
+/// interleaved so that each sees the same machine.
 pub async fn p6(daemon: &Daemon, port: u16, samples: usize) -> Result<FrontDoor, String> {
     let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
-    let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Summarise: the quick brown fox"}]});
+    let requests = front_door_requests();
     let mut client = Client::connect(&daemon.socket)
         .await
         .map_err(|e| e.to_string())?;
-    let (mut via_socket, mut via_http) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    let mut via_socket = Vec::with_capacity(samples);
+    let mut via_http: Vec<Vec<Duration>> = requests
+        .iter()
+        .map(|_| Vec::with_capacity(samples))
+        .collect();
     for _ in 0..samples {
         let started = Instant::now();
         chat_through(&mut client, chat_request()).await?;
         via_socket.push(started.elapsed());
-        let started = Instant::now();
-        let response = http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("the front door answered {}", response.status()));
+        for ((_, path, body), times) in requests.iter().zip(&mut via_http) {
+            let started = Instant::now();
+            let response = http
+                .post(format!("http://127.0.0.1:{port}{path}"))
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("{path} answered {}", response.status()));
+            }
+            response.bytes().await.map_err(|e| e.to_string())?;
+            times.push(started.elapsed());
         }
-        response.bytes().await.map_err(|e| e.to_string())?;
-        via_http.push(started.elapsed());
     }
-    let (socket, http) = (Spread::of(via_socket), Spread::of(via_http));
-    Ok(FrontDoor {
-        http_minus_socket_p50_us: http.p50_us - socket.p50_us,
-        socket,
-        http,
-    })
+    let socket = Spread::of(via_socket);
+    let apis = requests
+        .iter()
+        .zip(via_http)
+        .map(|((api, _, _), times)| {
+            let spread = Spread::of(times);
+            FrontDoorApi {
+                api,
+                minus_socket_p50_us: spread.p50_us - socket.p50_us,
+                spread,
+            }
+        })
+        .collect();
+    Ok(FrontDoor { socket, apis })
 }
 
 #[derive(Debug, Serialize)]
