@@ -293,7 +293,9 @@ impl Ledger {
         let mut groups: BTreeMap<String, SavingsTotals> = BTreeMap::new();
         self.flush();
         self.each_record(since_time(since), |record| {
-            if record.outcome != "ok" || record.contract.is_some() {
+            // A token count is no work offloaded.
+            if record.outcome != "ok" || record.contract.is_some() || record.kind == "count_tokens"
+            {
                 return;
             }
             let saved = prices.cost(record.input_tokens, record.output_tokens);

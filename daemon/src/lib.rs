@@ -166,7 +166,7 @@ pub async fn run(
     }));
     spawn_side(Box::pin(service::report_status(pool.clone())));
     if let Some(http_listener) = http_listener {
-        tracing::info!(listen = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "OpenAI-compatible front door open");
+        tracing::info!(listen = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "HTTP front door open (OpenAI and Anthropic formats)");
         spawn_side(Box::pin(front::serve(
             http_listener,
             ctx.clone(),

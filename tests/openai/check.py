@@ -140,12 +140,18 @@ if simulated:
     # The first turn was sent again with the second (llama-server's counts here are unreliable).
     assert second.usage.input_tokens > first.usage.input_tokens, (first.usage, second.usage)
 assert client.responses.retrieve(second.id).id == second.id
-events, streamed = [], ""
+assert second.previous_response_id == first.id, second
+events, streamed, completed = [], "", None
 for event in client.responses.create(model=model, input="stream please", stream=True, max_output_tokens=16):
     events.append(event.type)
     if event.type == "response.output_text.delta":
         streamed += event.delta
+    if event.type == "response.completed":
+        completed = event.response
 assert events[0] == "response.created" and events[-1] == "response.completed" and streamed, events
+# A streamed response is kept too, and continues like any other.
+after = client.responses.create(model=model, input="and then?", previous_response_id=completed.id, max_output_tokens=8)
+assert after.output_text, after
 expect(openai.NotFoundError, lambda: client.responses.create(model=model, input="x", previous_response_id="resp_gone"), "resp_gone")
 expect(openai.BadRequestError, lambda: client.responses.create(model=model, input="x", background=True), "background")
 if simulated:

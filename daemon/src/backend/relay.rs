@@ -39,12 +39,38 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// The frame as it goes on the wire.
+    /// The frame as it goes on the wire (data of several lines as several `data:` lines).
     pub fn to_sse(&self) -> String {
-        match &self.event {
-            Some(event) => format!("event: {event}\ndata: {}\n\n", self.data),
-            None => format!("data: {}\n\n", self.data),
+        let mut out = String::with_capacity(self.data.len() + 32);
+        if let Some(event) = &self.event {
+            out.push_str(&format!("event: {event}\n"));
         }
+        for line in self.data.split('\n') {
+            out.push_str("data: ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_goes_out_as_it_came_with_its_lines_kept_apart() {
+        let named = Frame {
+            event: Some("message_stop".into()),
+            data: "{}".into(),
+        };
+        assert_eq!(named.to_sse(), "event: message_stop\ndata: {}\n\n");
+        let two_lines = Frame {
+            event: None,
+            data: "a\nb".into(),
+        };
+        assert_eq!(two_lines.to_sse(), "data: a\ndata: b\n\n");
     }
 }
 

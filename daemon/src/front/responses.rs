@@ -227,7 +227,9 @@ pub(super) async fn create(
         .await;
     }
     match relay::whole(&front, &request).await {
-        Ok(outcome) => {
+        Ok(mut outcome) => {
+            // The engine saw the conversation whole; the client continued one.
+            outcome.reply["previous_response_id"] = json!(parent);
             if store {
                 front.responses.keep(parent, new_items, &outcome.reply);
             }

@@ -219,7 +219,8 @@ pub fn usage_of(endpoint: Endpoint, reply: &Value) -> Tokens {
     let (input, output) = match endpoint {
         Endpoint::ChatCompletions => ("/usage/prompt_tokens", "/usage/completion_tokens"),
         Endpoint::Responses | Endpoint::Messages => ("/usage/input_tokens", "/usage/output_tokens"),
-        Endpoint::CountTokens => ("/input_tokens", "/output_tokens"),
+        // Tokens counted, not read: a count is no chat.
+        Endpoint::CountTokens => return Tokens::default(),
     };
     Tokens {
         input: number(reply, input).unwrap_or(0),
