@@ -55,25 +55,6 @@ impl Frame {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_frame_goes_out_as_it_came_with_its_lines_kept_apart() {
-        let named = Frame {
-            event: Some("message_stop".into()),
-            data: "{}".into(),
-        };
-        assert_eq!(named.to_sse(), "event: message_stop\ndata: {}\n\n");
-        let two_lines = Frame {
-            event: None,
-            data: "a\nb".into(),
-        };
-        assert_eq!(two_lines.to_sse(), "data: a\ndata: b\n\n");
-    }
-}
-
 impl Http {
     /// Posts `body` to `endpoint` and returns the engine's reply; an error reply (by status or
     /// by an `error` key) is a [`BackendError`].
@@ -129,5 +110,24 @@ impl Http {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_goes_out_as_it_came_with_its_lines_kept_apart() {
+        let named = Frame {
+            event: Some("message_stop".into()),
+            data: "{}".into(),
+        };
+        assert_eq!(named.to_sse(), "event: message_stop\ndata: {}\n\n");
+        let two_lines = Frame {
+            event: None,
+            data: "a\nb".into(),
+        };
+        assert_eq!(two_lines.to_sse(), "data: a\ndata: b\n\n");
     }
 }
