@@ -1,5 +1,6 @@
 //! `lmsd-ctl`: parse the command line, send one request to lmsd, print the answer.
 
+mod batch;
 mod calllog;
 mod eval;
 mod exit_codes;
@@ -150,6 +151,10 @@ enum Command {
         #[arg(long)]
         max_output_tokens: Option<u32>,
     },
+    /// Batch jobs: a JSONL file of tasks run in the background at batch priority, durable
+    /// across restarts, with results in input order.
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
     /// How often each model kept its contracts (--schema, --choices, --json-object): first
     /// try, after the retry, failed; from the ledger, so it survives restarts.
     Fitness {
@@ -272,33 +277,39 @@ fn read_stdin() -> Result<String, ExitCode> {
     })
 }
 
+/// A `--schema` argument: inline JSON, a file, or standard input (`-`, unless the task
+/// already reads it).
+fn read_schema(given: &str, stdin_taken: bool) -> Result<serde_json::Value, ExitCode> {
+    let (text, from) = if given.trim_start().starts_with('{') {
+        (given.to_owned(), "the --schema argument".to_owned())
+    } else if given == "-" {
+        if stdin_taken {
+            eprintln!("lmsd-ctl: the task and --schema cannot both come from standard input");
+            return Err(ExitCode::from(2));
+        }
+        (read_stdin()?, "standard input".to_owned())
+    } else {
+        match std::fs::read_to_string(given) {
+            Ok(text) => (text, given.to_owned()),
+            Err(error) => {
+                eprintln!("lmsd-ctl: cannot read the schema file {given}: {error}");
+                return Err(ExitCode::from(2));
+            }
+        }
+    };
+    serde_json::from_str(&text).map_err(|error| {
+        eprintln!("lmsd-ctl: the schema in {from} is not JSON: {error}");
+        ExitCode::from(2)
+    })
+}
+
 impl ChatArgs {
     /// The schema `--schema` names: inline JSON, a file, or standard input.
     fn schema(&self) -> Result<Option<serde_json::Value>, ExitCode> {
-        let Some(given) = &self.schema else {
-            return Ok(None);
-        };
-        let (text, from) = if given.trim_start().starts_with('{') {
-            (given.clone(), "the --schema argument".to_owned())
-        } else if given == "-" {
-            if self.task == "-" {
-                eprintln!("lmsd-ctl: the task and --schema cannot both come from standard input");
-                return Err(ExitCode::from(2));
-            }
-            (read_stdin()?, "standard input".to_owned())
-        } else {
-            match std::fs::read_to_string(given) {
-                Ok(text) => (text, given.clone()),
-                Err(error) => {
-                    eprintln!("lmsd-ctl: cannot read the schema file {given}: {error}");
-                    return Err(ExitCode::from(2));
-                }
-            }
-        };
-        serde_json::from_str(&text).map(Some).map_err(|error| {
-            eprintln!("lmsd-ctl: the schema in {from} is not JSON: {error}");
-            ExitCode::from(2)
-        })
+        self.schema
+            .as_deref()
+            .map(|given| read_schema(given, self.task == "-"))
+            .transpose()
     }
 
     /// The `--image` files as data URLs.
@@ -417,6 +428,7 @@ async fn main() -> ExitCode {
             };
             return eval::run(&socket, &file, &models, settings, json).await;
         }
+        Command::Batch(command) => return batch::run(&socket, command, json).await,
         Command::Status { watch: true } => return output::watch_status(&socket, json).await,
         Command::Status { watch: false } => Request::Status,
         Command::Events => Request::Events,

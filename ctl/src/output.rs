@@ -112,6 +112,16 @@ pub fn print_outcome(outcome: &Outcome, json: bool, streamed: bool) {
                 )
             );
         }
+        Outcome::Batch(job) => println!("{}", crate::batch::describe(job)),
+        Outcome::BatchList(list) => {
+            for job in &list.jobs {
+                println!("{}", crate::batch::describe(job));
+            }
+        }
+        Outcome::BatchResults(results) => println!("{} result lines", results.lines),
+        Outcome::BatchDeleted(deleted) => {
+            println!("deleted {}: {}", deleted.job_id, deleted.deleted)
+        }
         Outcome::Unknown => println!(
             "lmsd answered with a kind of result this lmsd-ctl does not know: update lmsd-ctl"
         ),
@@ -220,10 +230,17 @@ pub fn print_daemon_event(event: &Event) {
         } => format!(
             "{instance_id} ({model}) loaded with {loaded} tokens of context, not the {requested} asked for"
         ),
+        Event::BatchProgress {
+            job_id,
+            done,
+            failed,
+            total,
+        } => format!("batch {job_id}: {done}/{total} done, {failed} failed"),
         Event::Load { .. }
         | Event::Reasoning { .. }
         | Event::Delta { .. }
         | Event::Queued { .. }
+        | Event::BatchLine { .. }
         // From a newer lmsd: nothing to say about it.
         | Event::Unknown => return,
     };
@@ -372,7 +389,7 @@ fn render_status(status: &StatusReport) -> String {
 }
 
 /// `1h05m`, `4m10s`, `42s`.
-fn duration(seconds: u64) -> String {
+pub fn duration(seconds: u64) -> String {
     match seconds {
         s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),

@@ -5,6 +5,7 @@
 //! [`run`] is the whole daemon; `main.rs` only parses arguments, sets up logging and signals.
 
 pub mod backend;
+mod batch;
 pub mod config;
 mod front;
 mod ledger;
@@ -137,6 +138,7 @@ pub async fn run(
         )),
         observers,
         ledger: ledger.clone(),
+        batches: Arc::new(batch::Batches::open(config.state_file("batch.sqlite"))),
         reloader: reloader.clone(),
         stopping: shutdown.clone(),
         started: Instant::now(),
@@ -165,6 +167,7 @@ pub async fn run(
         }
     }));
     spawn_side(Box::pin(service::report_status(pool.clone())));
+    spawn_side(Box::pin(batch::serve(ctx.clone())));
     if let Some(http_listener) = http_listener {
         tracing::info!(listen = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "HTTP front door open (OpenAI and Anthropic formats)");
         spawn_side(Box::pin(front::serve(

@@ -31,6 +31,42 @@ pub struct Config {
     pub log: LogConfig,
     pub http: HttpConfig,
     pub savings: SavingsConfig,
+    pub batch: BatchConfig,
+}
+
+/// `[batch]`: how batch jobs run and how long they are kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Lines of one job in lmsd's queue at once: a job never fills `max_queue` or starves
+    /// other work.
+    pub concurrency: u32,
+    /// A finished or cancelled job (its inputs and results) is deleted this long after.
+    #[serde(with = "humantime_serde")]
+    pub keep: Duration,
+    /// `warm`: lines of loaded models first, one swap per model; `file`: the file's order.
+    pub order: BatchOrder,
+}
+
+/// `[batch] order`: which lines of a job run first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchOrder {
+    /// Lines of models in use or loaded first; then the model with the most lines left.
+    #[default]
+    Warm,
+    /// The file's order, whatever it costs in loads.
+    File,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            concurrency: 4,
+            keep: Duration::from_secs(7 * 24 * 3600),
+            order: BatchOrder::Warm,
+        }
+    }
 }
 
 /// `[savings]`: the paid prices lmsd's tasks are counted against.
@@ -336,6 +372,11 @@ impl Config {
                     "[routing] min_pass_rate {rate} is not a share between 0 and 1 (0.8 for 80%)"
                 )));
             }
+        }
+        if self.batch.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "[batch] concurrency must be at least 1".into(),
+            ));
         }
         for (pattern, target) in &self.routing.aliases {
             if let Err(error) = glob::Pattern::new(pattern) {

@@ -16,41 +16,11 @@ use tokio_util::sync::CancellationToken;
 use super::relay::{self, Shape};
 use super::{authorize, has_part, parse_object, resolve_model, Dialect, Front, Wants};
 use crate::backend::Endpoint;
-use crate::tasks::{self, Contract, EventSink, ForwardRequest};
+use crate::tasks::{self, response_format_contract, EventSink, ForwardRequest};
 
 /// Whether a chat-completions body offers tools the model may call.
 fn offers_tools(body: &Value) -> bool {
     body["tools"].as_array().is_some_and(|t| !t.is_empty()) && body["tool_choice"] != "none"
-}
-
-/// The contract a `response_format` asks for, and the body rewritten to the form both engines
-/// constrain with: a JSON Schema (LM Studio answers `json_object` with a 400).
-pub(super) fn contract_of(body: &mut Value) -> Result<Option<Contract>, WireError> {
-    let format = &body["response_format"];
-    let contract = match format["type"].as_str() {
-        None if format.is_null() => return Ok(None),
-        Some("text") => return Ok(None),
-        Some("json_object") => Contract::json_object(),
-        // OpenAI takes a name without a schema: any JSON value.
-        Some("json_schema") => {
-            let schema = format.pointer("/json_schema/schema").cloned();
-            Contract::schema(&schema.unwrap_or_else(|| json!({})))
-                .map_err(WireError::bad_request)?
-        }
-        _ => {
-            return Err(WireError::bad_request(format!(
-            "response_format {format} is not one lmsd knows: use text, json_object or json_schema"
-        )))
-        }
-    };
-    let name = format
-        .pointer("/json_schema/name")
-        .cloned()
-        .unwrap_or_else(|| json!("answer"));
-    body["response_format"] = json!({"type": "json_schema", "json_schema": {
-        "name": name, "strict": true, "schema": contract.engine_schema(),
-    }});
-    Ok(Some(contract))
 }
 
 pub(super) async fn chat_completions(
@@ -80,7 +50,7 @@ pub(super) async fn chat_completions(
         Ok(model) => model,
         Err(wire) => return dialect.error_about(wire, Some("model")),
     };
-    let contract = match contract_of(&mut body) {
+    let contract = match response_format_contract(&mut body) {
         Ok(contract) => contract,
         Err(wire) => return dialect.error_about(wire, Some("response_format")),
     };

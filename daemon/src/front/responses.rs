@@ -22,7 +22,6 @@ use axum::Json;
 use lmsd_proto::{TaskOptions, WireError};
 use serde_json::{json, Value};
 
-use super::openai::contract_of;
 use super::relay::{self, Shape};
 use super::{authorize, has_part, parse_object, resolve_model, unix_now, Dialect, Front, Wants};
 use crate::backend::Endpoint;
@@ -262,7 +261,7 @@ async fn constrained(
         Ok(chat) => chat,
         Err(wire) => return dialect.error_about(wire, Some("input")),
     };
-    let contract = match contract_of(&mut chat) {
+    let contract = match crate::tasks::response_format_contract(&mut chat) {
         Ok(contract) => contract,
         Err(wire) => return dialect.error_about(wire, Some("text")),
     };

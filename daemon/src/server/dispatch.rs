@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::*;
+use lmsd_proto::{BatchDeleted, BatchJobList, BatchResults, Event};
 
 /// Runs one request to its terminal reply and sends it to the client.
 ///
@@ -21,6 +22,24 @@ pub(super) fn dispatch(
         let reply = answer(&ctx, id, &request, &sink, cancel).await;
         let _ = sink.replies.send(reply).await;
     }
+}
+
+/// A job's results: each line an event (none dropped: the client's queue is waited on), then
+/// their count.
+async fn batch_results(
+    ctx: &Context,
+    job: &str,
+    sink: &EventSink,
+) -> Result<Outcome, tasks::TaskError> {
+    let mut lines = Vec::new();
+    let count = ctx.batches.results(job, |line| lines.push(line))?;
+    for line in lines {
+        sink.send(Event::BatchLine { line }).await;
+    }
+    Ok(Outcome::BatchResults(BatchResults {
+        job_id: job.to_owned(),
+        lines: count,
+    }))
 }
 
 /// The terminal reply to one request.
@@ -62,6 +81,25 @@ async fn answer(
         )),
         Request::Metrics => tasks::metrics(ctx).await.map(Outcome::Metrics),
         Request::Events => Err(tasks::events(ctx, sink, cancel).await),
+        // Boxed, as the reload below: rare, and large beside a queued chat.
+        Request::BatchSubmit(submit) => Box::pin(ctx.batches.submit(submit.clone(), None))
+            .await
+            .map(Outcome::Batch),
+        Request::BatchStatus(status) => match &status.job_id {
+            Some(job) => ctx.batches.status(job).map(Outcome::Batch),
+            None => ctx
+                .batches
+                .list()
+                .map(|jobs| Outcome::BatchList(BatchJobList { jobs })),
+        },
+        Request::BatchResults(job) => Box::pin(batch_results(ctx, &job.job_id, sink)).await,
+        Request::BatchCancel(job) => ctx.batches.cancel(&job.job_id).map(Outcome::Batch),
+        Request::BatchDelete(job) => ctx.batches.delete(&job.job_id).map(|deleted| {
+            Outcome::BatchDeleted(BatchDeleted {
+                job_id: job.job_id.clone(),
+                deleted,
+            })
+        }),
         Request::Reload => {
             // Boxed: rare, and its future is the largest; every queued task would hold its room.
             return match Box::pin(ctx.reloader.reload()).await {

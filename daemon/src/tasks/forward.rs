@@ -4,7 +4,7 @@
 //! must of them: the model (set to the leased instance), the reply's model (another model's
 //! answer is no answer), its usage, and under a contract the answer it checks.
 
-use lmsd_proto::{TaskKind, TaskOptions, TaskReport};
+use lmsd_proto::{TaskKind, TaskOptions, TaskReport, WireError};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +45,36 @@ pub struct ForwardOutcome {
 pub struct Tokens {
     pub input: u64,
     pub output: u64,
+}
+
+/// The contract a `response_format` asks for, and the body rewritten to the form both engines
+/// constrain with: a JSON Schema (LM Studio answers `json_object` with a 400).
+pub fn response_format_contract(body: &mut Value) -> Result<Option<Contract>, WireError> {
+    let format = &body["response_format"];
+    let contract = match format["type"].as_str() {
+        None if format.is_null() => return Ok(None),
+        Some("text") => return Ok(None),
+        Some("json_object") => Contract::json_object(),
+        // OpenAI takes a name without a schema: any JSON value.
+        Some("json_schema") => {
+            let schema = format.pointer("/json_schema/schema").cloned();
+            Contract::schema(&schema.unwrap_or_else(|| json!({})))
+                .map_err(WireError::bad_request)?
+        }
+        _ => {
+            return Err(WireError::bad_request(format!(
+            "response_format {format} is not one lmsd knows: use text, json_object or json_schema"
+        )))
+        }
+    };
+    let name = format
+        .pointer("/json_schema/name")
+        .cloned()
+        .unwrap_or_else(|| json!("answer"));
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {
+        "name": name, "strict": true, "schema": contract.engine_schema(),
+    }});
+    Ok(Some(contract))
 }
 
 /// Runs one relayed request (a stream's events go to `relay`) and enters it in the ledger.

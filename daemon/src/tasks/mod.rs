@@ -32,7 +32,7 @@ use crate::pool::{PoolError, PoolHandle};
 
 pub use contract::Contract;
 pub use errors::TaskError;
-pub use forward::{forward, ForwardOutcome, ForwardRequest, Tokens};
+pub use forward::{forward, response_format_contract, ForwardOutcome, ForwardRequest, Tokens};
 use registry::Registry;
 use runner::{run_task, Done, Work};
 use sessions::Sessions;
@@ -69,6 +69,8 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub sessions: Arc<Sessions>,
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// Batch jobs: their store and the ones running.
+    pub batches: Arc<crate::batch::Batches>,
     /// Metrics and the `events` stream.
     pub observers: crate::pool::Observers,
     /// Cancelled when lmsd begins to stop.

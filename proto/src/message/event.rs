@@ -64,6 +64,15 @@ pub enum Event {
         requested: u32,
         loaded: u32,
     },
+    /// A batch job's line finished (to an `events` subscription).
+    BatchProgress {
+        job_id: String,
+        done: u64,
+        failed: u64,
+        total: u64,
+    },
+    /// One line of a job's results (`batch_results`): `id`, then `result` or `error`.
+    BatchLine { line: serde_json::Value },
     /// An event this client does not know yet (sent by a newer daemon): skip it.
     #[serde(other)]
     Unknown,

@@ -2,6 +2,7 @@
 //! clients ask, `reply` what lmsd answers, `event` what it reports on the way, `status` the
 //! `status` result, and `parse` reads a request line.
 
+mod batch;
 mod event;
 mod parse;
 mod reply;

@@ -98,8 +98,13 @@ impl Request {
             | Request::Savings(_)
             | Request::Fitness(_)
             | Request::Metrics
-            | Request::Events => Ok(()),
+            | Request::Events
+            | Request::BatchStatus(_) => Ok(()),
             Request::Cancel(cancel) => non_empty("task_id", &cancel.task_id),
+            Request::BatchSubmit(submit) => non_empty("lines", &submit.lines),
+            Request::BatchResults(job) | Request::BatchCancel(job) | Request::BatchDelete(job) => {
+                non_empty("job_id", &job.job_id)
+            }
             Request::Embed(embed) => {
                 non_empty("model", &embed.model)?;
                 if embed.input.is_empty() {

@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::batch::{
+    BatchDeleted, BatchJob, BatchJobList, BatchResults, BatchState, InvalidLine,
+};
 use super::{Event, StatusReport};
 use crate::error::WireError;
 use crate::task::{CancelOutcome, SessionList, TaskList};
@@ -75,6 +78,12 @@ pub enum Outcome {
     Savings(SavingsReport),
     Fitness(FitnessReport),
     Metrics(MetricsText),
+    /// `batch_submit`, `batch_status` of one job, `batch_cancel`.
+    Batch(BatchJob),
+    /// `batch_status` without a job.
+    BatchList(BatchJobList),
+    BatchResults(BatchResults),
+    BatchDeleted(BatchDeleted),
     /// A result kind this client does not know yet (from a newer daemon).
     #[serde(other)]
     Unknown,

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::batch::{BatchDefaults, BatchJobRequest, BatchStatusRequest, BatchSubmitRequest};
 use crate::task::{Needs, Priority, WireDuration};
 use crate::ttl::Ttl;
 
@@ -54,6 +55,16 @@ pub enum Request {
     /// Subscribe to what happens in lmsd: loads, unloads, tasks, the backend. Events come until
     /// the client hangs up (or lmsd stops: then a `shutting_down` error ends it).
     Events,
+    /// Submit a batch job: a JSONL file of tasks, validated whole, then run in the background.
+    BatchSubmit(BatchSubmitRequest),
+    /// One job's progress, or every job's.
+    BatchStatus(BatchStatusRequest),
+    /// A job's results, one `batch_line` event per line in input order, then a count.
+    BatchResults(BatchJobRequest),
+    /// Stop a job: lines not yet done are not run.
+    BatchCancel(BatchJobRequest),
+    /// Delete a job and everything stored with it (cancelled first if it runs).
+    BatchDelete(BatchJobRequest),
 }
 
 /// `{"type":"fitness", "since":"7d"}`; `since` optional.
