@@ -299,6 +299,7 @@ pub(crate) async fn completions(
                 "tool_calls",
             ),
         };
+        turn::generate(&shared, &said).await;
         drop(flight);
         return axum::Json(json!({
             "id": id,

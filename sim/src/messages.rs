@@ -135,6 +135,7 @@ pub(crate) async fn messages(
             "usage": {"input_tokens": input, "output_tokens": written}})
     };
     if !body.stream {
+        turn::generate(&shared, &said).await;
         drop(flight);
         return axum::Json(message(json!([block]), json!(stop_reason), output)).into_response();
     }

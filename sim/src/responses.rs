@@ -174,6 +174,7 @@ pub(crate) async fn responses(
     };
     let item = item_of(&said, &item_id);
     if !body.stream {
+        turn::generate(&shared, &said).await;
         drop(flight);
         return axum::Json(response("completed", json!([item]))).into_response();
     }

@@ -118,6 +118,12 @@ pub(crate) async fn serve(
     Ok((instance_id, flight))
 }
 
+/// Waits as long as generating `said` takes (a whole reply is not instant either).
+pub(crate) async fn generate(shared: &Shared, said: &Said) {
+    let delay = token_delay(shared);
+    crate::api::pause(delay * said.tokens() as u32).await;
+}
+
 /// The simulated time per token.
 pub(crate) fn token_delay(shared: &Shared) -> Duration {
     shared.lock().config.token_delay

@@ -138,6 +138,43 @@ async fn a_streaming_client_that_hangs_up_cancels_its_task() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_on_a_whole_reply_cancels_its_task_and_it_is_counted() {
+    let mut config = SimConfig::zero_delay();
+    config.token_delay = std::time::Duration::from_millis(200);
+    let sim = start_sim(config).await;
+    let port = free_port();
+    let daemon = front_door(&sim, port).await;
+    let body = serde_json::json!({"model": "ibm/granite-4-micro", "max_tokens": 64,
+        "messages": [{"role": "user", "content": "a long answer, please"}]});
+    let gave_up = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/messages"))
+        .header("x-api-key", "k-test")
+        .timeout(std::time::Duration::from_millis(800))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the answer takes seconds: {gave_up:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .bearer_auth("k-test")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("lmsd_tasks_total{kind=\"chat\",outcome=\"cancelled\"} 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(running_tasks(&daemon).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_refused_before_its_first_event_gets_a_real_status() {
     let sim = start_sim(SimConfig::zero_delay()).await;
     let port = free_port();
@@ -176,4 +213,17 @@ async fn a_stream_refused_before_its_first_event_gets_a_real_status() {
             .contains("temperature"),
         "{error}"
     );
+    // The usage chunk lmsd asks for (the ledger counts it) reaches only a client that asked.
+    let plain = post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "ibm/granite-4-micro", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(!plain.contains("\"usage\""), "{plain}");
+    assert!(plain.trim_end().ends_with("data: [DONE]"), "{plain}");
 }

@@ -168,6 +168,28 @@ fn number_after(text: &str, after: &str) -> Option<u64> {
 }
 
 /// Reads an error body: `{"error":{type,message,code?}}` or `{"error":"text"}`.
+/// The longest engine message lmsd keeps: errors name what went wrong in a sentence, and a
+/// longer one may quote the request (llama-server's "Failed to parse messages: …; messages = "
+/// dumps the whole conversation), which must not reach a log.
+const MAX_MESSAGE: usize = 300;
+
+/// An engine's message as lmsd keeps it: any quoted request cut off, at most [`MAX_MESSAGE`].
+pub(super) fn clipped(message: &str) -> String {
+    let message = message
+        .split("; messages =")
+        .next()
+        .unwrap_or_default()
+        .trim_end();
+    if message.len() <= MAX_MESSAGE {
+        return message.to_owned();
+    }
+    let mut end = MAX_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
 pub(super) fn classify_error(status: u16, error: &Value) -> BackendError {
     let (kind, code, message) = match error {
         Value::String(message) => (None, None, message.clone()),
@@ -182,6 +204,13 @@ pub(super) fn classify_error(status: u16, error: &Value) -> BackendError {
         other => (None, None, other.to_string()),
     };
     let lower = message.to_lowercase();
+    // The numbers a context overflow names are read before the message is cut.
+    let field = |key: &str| error.get(key).and_then(Value::as_u64);
+    let context = (
+        field("n_prompt_tokens").or_else(|| number_after(&message, "first ")),
+        field("n_ctx").or_else(|| number_after(&message, "of only ")),
+    );
+    let message = clipped(&message);
     let is = |name: &str| kind.as_deref() == Some(name) || code.as_deref() == Some(name);
     if lower.contains("insufficient system resources")
         || lower.contains("out of memory")
@@ -199,10 +228,9 @@ pub(super) fn classify_error(status: u16, error: &Value) -> BackendError {
     {
         // llama.cpp names both sizes in fields; LM Studio in its sentence ("Trying to keep the
         // first N tokens … loaded with context length of only M tokens").
-        let field = |key: &str| error.get(key).and_then(Value::as_u64);
         BackendError::ContextExceeded {
-            prompt_tokens: field("n_prompt_tokens").or_else(|| number_after(&message, "first ")),
-            context_length: field("n_ctx").or_else(|| number_after(&message, "of only ")),
+            prompt_tokens: context.0,
+            context_length: context.1,
             message,
         }
     } else if is("model_not_loaded")
@@ -264,7 +292,8 @@ pub(super) fn decode_reply<T: DeserializeOwned>(
             });
         }
     };
-    if let Some(error) = value.get("error") {
+    // OpenAI's Response object carries `"error": null` when all is well.
+    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
         return Err(classify_error(status, error));
     }
     if !(200..300).contains(&status) {
@@ -305,6 +334,20 @@ mod tests {
         assert_eq!(reply.text.as_deref(), Some("an \"error\" in prose"));
         let plain: AllOptional = decode_reply(200, br#"{"text":"fine"}"#).unwrap();
         assert_eq!(plain.text.as_deref(), Some("fine"));
+        // OpenAI's Response object says `"error": null` when there is none.
+        let response: serde_json::Value =
+            decode_reply(200, br#"{"id":"resp_1","error":null}"#).unwrap();
+        assert_eq!(response["id"], "resp_1");
+    }
+
+    #[test]
+    fn an_engine_message_that_quotes_the_request_is_cut_before_it() {
+        let dump = r#"{"error":{"code":500,"message":"Failed to parse messages: bad role; messages = [{\"role\":\"user\",\"content\":\"my secret prompt\"}]","type":"server_error"}}"#;
+        let dumped = error(500, dump);
+        assert!(!dumped.to_string().contains("secret"), "{dumped}");
+        assert!(dumped.to_string().contains("bad role"), "{dumped}");
+        let long = format!(r#"{{"error":"{}"}}"#, "x".repeat(5000));
+        assert!(error(400, &long).to_string().len() < 500);
     }
 
     #[test]

@@ -346,9 +346,13 @@ impl Http {
 
     /// The error for a broken event stream.
     pub fn stream_broke(&self, error: impl std::fmt::Display) -> BackendError {
+        // A parse error quotes the stream it could not read, which is the model's output: only
+        // its first words may reach a log.
+        let error = error.to_string();
+        let said = error.split(" at: ").next().unwrap_or_default();
         BackendError::ReplyLost {
             url: self.base.clone(),
-            detail: format!("the event stream broke: {error}"),
+            detail: format!("the event stream broke: {}", super::errors::clipped(said)),
         }
     }
 

@@ -160,12 +160,17 @@ impl Backend {
         endpoint: Endpoint,
         body: &serde_json::Value,
         on_frame: F,
-    ) -> Result<(), BackendError>
+    ) -> Result<bool, BackendError>
     where
         F: FnMut(Frame) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
         self.http().relay_stream(endpoint, body, on_frame).await
+    }
+
+    /// The error for a stream that broke, or ended short of its last event.
+    pub fn stream_broke(&self, why: &str) -> BackendError {
+        self.http().stream_broke(why)
     }
 
     /// The `temperature` range the engine's chat takes: LM Studio's `/api/v1/chat` documents

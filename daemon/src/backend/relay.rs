@@ -64,14 +64,15 @@ impl Http {
 
     /// Posts `body` (which asks for a stream) to `endpoint` and gives each event to `on_frame`
     /// as it arrives, until the stream ends or `on_frame` says stop (`false`: the client went
-    /// away). An engine that answered with a plain body instead is an error when the body is
-    /// one; a plain success is handed on as a single unnamed frame.
+    /// away). True when it ended with OpenAI's `[DONE]` (or as a whole reply). An engine that
+    /// answered with a plain body instead is an error when the body is one; a plain success is
+    /// handed on as a single unnamed frame.
     pub async fn relay_stream<F, Fut>(
         &self,
         endpoint: Endpoint,
         body: &Value,
         mut on_frame: F,
-    ) -> Result<(), BackendError>
+    ) -> Result<bool, BackendError>
     where
         F: FnMut(Frame) -> Fut,
         Fut: std::future::Future<Output = bool>,
@@ -92,14 +93,14 @@ impl Http {
                     data: reply.to_string(),
                 })
                 .await;
-                return Ok(());
+                return Ok(true);
             }
         };
         while let Some(event) = events.next().await {
             let event = event.map_err(|e| self.stream_broke(e))?;
             // OpenAI's chat stream ends with a bare `[DONE]`; it is the relay's to send.
             if event.data == "[DONE]" {
-                break;
+                return Ok(true);
             }
             let frame = Frame {
                 event: (!event.event.is_empty() && event.event != "message").then_some(event.event),
@@ -109,7 +110,7 @@ impl Http {
                 break;
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 

@@ -22,30 +22,19 @@ const DIALECT: Dialect = Dialect::Anthropic;
 /// What of a Messages body lmsd cannot honour, by name: Anthropic's server-side tools (web
 /// search, code execution…: a custom tool has no `type`, or `"custom"`), its MCP connector,
 /// containers, and structured outputs, which neither engine is documented to constrain.
-fn refusal(body: &Value) -> Option<(String, &'static str)> {
+fn refusal(body: &Value) -> Option<String> {
     for field in ["output_format", "mcp_servers", "container"] {
         if !body[field].is_null() {
-            return Some((
-                format!("lmsd's engines do not honour Anthropic's {field}, and lmsd would have to ignore it; leave it out"),
-                field,
-            ));
+            return Some(format!("lmsd's engines do not honour Anthropic's {field}, and lmsd would have to ignore it; leave it out"));
         }
     }
     let tools = body["tools"].as_array().map_or(&[][..], Vec::as_slice);
-    for tool in tools {
-        match tool["type"].as_str() {
-            None | Some("custom") => {}
-            Some(kind) => {
-                return Some((
-                    format!(
-                    "lmsd's engines run your own tools only, not Anthropic's server tool {kind:?}"
-                ),
-                    "tools",
-                ))
-            }
-        }
-    }
-    None
+    tools.iter().find_map(|tool| match tool["type"].as_str() {
+        None | Some("custom") => None,
+        Some(kind) => Some(format!(
+            "lmsd's engines run your own tools only, not Anthropic's server tool {kind:?}"
+        )),
+    })
 }
 
 /// The text of a `system` value or a message's content: a string, or its text blocks.
@@ -74,10 +63,23 @@ fn hoist_system(body: &mut Value) {
     if system.is_empty() {
         return;
     }
-    let mut parts: Vec<String> = vec![text_of(&body["system"])];
-    parts.extend(system.iter().map(|m| text_of(&m["content"])));
-    parts.retain(|p| !p.is_empty());
-    body["system"] = json!(parts.join("\n\n"));
+    let moved = system
+        .iter()
+        .map(|m| text_of(&m["content"]))
+        .filter(|t| !t.is_empty());
+    // Blocks stay blocks (with their cache_control); the moved text is added as more.
+    body["system"] = match body["system"].take() {
+        Value::Array(mut blocks) => {
+            blocks.extend(moved.map(|text| json!({"type": "text", "text": text})));
+            Value::Array(blocks)
+        }
+        other => {
+            let mut parts: Vec<String> = vec![text_of(&other)];
+            parts.extend(moved);
+            parts.retain(|p| !p.is_empty());
+            json!(parts.join("\n\n"))
+        }
+    };
 }
 
 /// Whether the body offers tools the model may call.
@@ -87,25 +89,31 @@ fn offers_tools(body: &Value) -> bool {
 }
 
 /// A body read as far as lmsd must, or the error response for it.
+/// `for_count`: a token count, which needs nothing of the model but its tokenizer.
 async fn prepare(
     front: &Front,
     headers: &HeaderMap,
     body: &Bytes,
+    for_count: bool,
 ) -> Result<(Value, String, Wants), Response> {
     authorize(front, headers).map_err(|wire| DIALECT.error(wire))?;
     let mut body = parse_object(body).map_err(|wire| DIALECT.error(wire))?;
-    if let Some((why, _field)) = refusal(&body) {
+    if let Some(why) = refusal(&body) {
         return Err(DIALECT.error(WireError::bad_request(why)));
     }
+    hoist_system(&mut body);
     if body["messages"].as_array().is_none_or(|m| m.is_empty()) {
         return Err(DIALECT.error(WireError::bad_request(
-            "messages must be a non-empty array of messages",
+            "messages must hold at least one user or assistant message",
         )));
     }
-    hoist_system(&mut body);
-    let wants = Wants {
-        images: has_part(&body["messages"], "image"),
-        tools: offers_tools(&body),
+    let wants = if for_count {
+        Wants::default()
+    } else {
+        Wants {
+            images: has_part(&body["messages"], "image"),
+            tools: offers_tools(&body),
+        }
     };
     let model = resolve_model(front, &body, wants)
         .await
@@ -118,7 +126,7 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (body, model, wants) = match prepare(&front, &headers, &body).await {
+    let (body, model, wants) = match prepare(&front, &headers, &body, false).await {
         Ok(prepared) => prepared,
         Err(response) => return response,
     };
@@ -137,11 +145,14 @@ pub(super) async fn create(
     if stream {
         return relay::stream(&front, Shape::Messages, request, |_| {}).await;
     }
-    match relay::whole(&front, &request).await {
+    match relay::whole(&front, request).await {
         Ok(outcome) => Json(outcome.reply).into_response(),
         Err(wire) => DIALECT.error(wire),
     }
 }
+
+/// What an image counts as in the estimate: about 1,500 tokens' worth.
+const IMAGE_BYTES: usize = 1_500 * BYTES_PER_TOKEN;
 
 /// Bytes per token of the estimate lmsd gives where the engine counts none: about what
 /// English prose and code average.
@@ -155,14 +166,14 @@ pub(super) async fn count_tokens(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (body, model, wants) = match prepare(&front, &headers, &body).await {
+    let (body, model, wants) = match prepare(&front, &headers, &body, true).await {
         Ok(prepared) => prepared,
         Err(response) => return response,
     };
     if front.ctx.backend.kind() == EngineKind::Lmstudio {
         let text = [&body["system"], &body["messages"], &body["tools"]]
             .iter()
-            .map(|v| if v.is_null() { 0 } else { v.to_string().len() })
+            .map(|v| crate::tasks::text_bytes(v, IMAGE_BYTES))
             .sum::<usize>();
         let tokens = text.div_ceil(BYTES_PER_TOKEN);
         return (
@@ -182,7 +193,7 @@ pub(super) async fn count_tokens(
             ..TaskOptions::default()
         },
     };
-    match relay::whole(&front, &request).await {
+    match relay::whole(&front, request).await {
         Ok(outcome) => Json(outcome.reply).into_response(),
         Err(wire) => DIALECT.error(wire),
     }
@@ -199,7 +210,23 @@ mod tests {
             {"role": "user", "content": "hi"},
         ]});
         hoist_system(&mut body);
-        assert_eq!(body["system"], "Be brief.\n\nUse British spelling.");
+        let texts: Vec<&str> = body["system"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            ["Be brief.", "Use British spelling."],
+            "blocks stay blocks"
+        );
+        let mut plain_system = json!({"system": "Be brief.", "messages": [
+            {"role": "system", "content": "Use British spelling."},
+            {"role": "user", "content": "hi"},
+        ]});
+        hoist_system(&mut plain_system);
+        assert_eq!(plain_system["system"], "Be brief.\n\nUse British spelling.");
         assert_eq!(body["messages"].as_array().unwrap().len(), 1);
         let mut plain = json!({"system": [{"type": "text", "text": "kept as blocks"}],
             "messages": [{"role": "user", "content": "hi"}]});
@@ -214,7 +241,7 @@ mod tests {
     fn server_tools_and_structured_outputs_are_refused_by_name() {
         assert!(refusal(&json!({"tools": [{"name": "f", "input_schema": {}}]})).is_none());
         let search = refusal(&json!({"tools": [{"type": "web_search_20250305"}]})).unwrap();
-        assert!(search.0.contains("web_search_20250305"));
+        assert!(search.contains("web_search_20250305"));
         assert!(refusal(&json!({"output_format": {"type": "json_schema"}})).is_some());
     }
 }

@@ -27,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::same_model;
 use crate::tasks::{self, Context};
 
+/// The largest request body taken.
+const MAX_BODY: usize = 64 << 20;
+
 #[derive(Clone)]
 struct Front {
     ctx: Context,
@@ -56,6 +59,8 @@ pub async fn serve(
         .route("/v1/messages", post(messages::create))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/metrics", get(metrics))
+        // Agents send long histories and screenshots: axum's 2 MB default is too small.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(front);
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -112,12 +117,17 @@ fn anthropic_type(status: StatusCode) -> &'static str {
 impl Dialect {
     /// The error's body in this dialect (lmsd's stable code rides along as `code`).
     fn error_body(self, wire: &WireError, param: Option<&str>) -> Value {
+        let overflow = wire.code == ErrorCode::ContextExceeded;
         match self {
+            // OpenAI's clients (and agents' compaction) look for `context_length_exceeded`.
             Dialect::OpenAi => json!({"error": {
-                "message": wire.message, "type": wire.code, "code": wire.code, "param": param,
+                "message": wire.message, "type": wire.code, "param": param,
+                "code": if overflow { json!("context_length_exceeded") } else { json!(wire.code) },
             }}),
+            // Anthropic's wording for it, which Claude Code reads as "compact the history".
             Dialect::Anthropic => json!({"type": "error", "error": {
-                "type": anthropic_type(status_of(wire.code)), "message": wire.message, "code": wire.code,
+                "type": anthropic_type(status_of(wire.code)), "code": wire.code,
+                "message": if overflow { format!("prompt is too long: {}", wire.message) } else { wire.message.clone() },
             }}),
         }
     }

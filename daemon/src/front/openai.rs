@@ -76,7 +76,7 @@ pub(super) async fn chat_completions(
     if stream {
         return relay::stream(&front, Shape::Chat { include_usage }, request, |_| {}).await;
     }
-    match relay::whole(&front, &request).await {
+    match relay::whole(&front, request).await {
         Ok(outcome) => Json(outcome.reply).into_response(),
         Err(wire) => dialect.error(wire),
     }

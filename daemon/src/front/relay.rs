@@ -19,14 +19,24 @@ use super::{Dialect, Front};
 use crate::backend::Frame;
 use crate::tasks::{self, ForwardOutcome, ForwardRequest, TaskError};
 
-/// Runs a request whose reply comes whole.
+/// Runs a request whose reply comes whole. The task runs on its own, so that a client that
+/// hangs up (dropping this future) cancels it and it still ends as tasks do: answered
+/// `cancelled`, in the ledger and the metrics.
 pub(super) async fn whole(
     front: &Front,
-    request: &ForwardRequest,
+    request: ForwardRequest,
 ) -> Result<ForwardOutcome, WireError> {
-    tasks::forward(&front.ctx, request, None, CancellationToken::new())
-        .await
-        .map_err(|e| e.to_wire())
+    let cancel = CancellationToken::new();
+    let _cancel_on_drop = cancel.clone().drop_guard();
+    let ctx = front.ctx.clone();
+    let task = tokio::spawn(async move { tasks::forward(&ctx, &request, None, cancel).await });
+    match task.await {
+        Ok(result) => result.map_err(|e| e.to_wire()),
+        Err(_) => Err(WireError::new(
+            lmsd_proto::ErrorCode::Internal,
+            "the relay task failed",
+        )),
+    }
 }
 
 /// Which format a stream is in: what of the engine's events its client hears, and how it ends.
@@ -46,6 +56,19 @@ impl Shape {
         match self {
             Shape::Chat { .. } | Shape::Responses => Dialect::OpenAi,
             Shape::Messages => Dialect::Anthropic,
+        }
+    }
+
+    /// The last event of a stream in this format: once the client has it, it has the whole
+    /// answer, and may hang up without cancelling what follows (the response kept, the ledger).
+    fn ends(self, frame: &Frame) -> bool {
+        match self {
+            Shape::Chat { .. } => false,
+            Shape::Responses => matches!(
+                frame.event.as_deref(),
+                Some("response.completed" | "response.incomplete" | "response.failed")
+            ),
+            Shape::Messages => frame.event.as_deref() == Some("message_stop"),
         }
     }
 
@@ -103,7 +126,8 @@ struct Tail {
     frames: mpsc::Receiver<Frame>,
     task: Option<Running>,
     shape: Shape,
-    _cancel_on_drop: DropGuard,
+    /// Disarmed once the last event is out.
+    cancel_on_drop: Option<DropGuard>,
 }
 
 /// Runs a streamed request; `after` sees its outcome once it ended well (before the client
@@ -143,7 +167,7 @@ pub(super) async fn stream(
         frames,
         task: Some(task),
         shape,
-        _cancel_on_drop: guard,
+        cancel_on_drop: Some(guard),
     };
     let body = futures_util::stream::unfold(tail, |mut tail| async move {
         let piece = tail.next().await?;
@@ -170,7 +194,14 @@ impl Tail {
                 None => return None,
             };
             match frame {
-                Some(frame) if self.shape.keeps(&frame) => return Some(frame.to_sse()),
+                Some(frame) if self.shape.keeps(&frame) => {
+                    if self.shape.ends(&frame) {
+                        if let Some(guard) = self.cancel_on_drop.take() {
+                            guard.disarm();
+                        }
+                    }
+                    return Some(frame.to_sse());
+                }
                 Some(_) => continue,
                 // Every event is out: the task's end decides how the stream ends.
                 None => {

@@ -67,8 +67,15 @@ impl History {
         let bytes =
             items.iter().map(|i| i.to_string().len()).sum::<usize>() + response.to_string().len();
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        // An id seen again (an engine that repeats them) replaces its entry; it is not
+        // queued twice, and it may not continue itself.
+        if parent.as_deref() == Some(id.as_str()) {
+            return;
+        }
         kept.bytes += bytes;
-        kept.order.push_back(id.clone());
+        if !kept.by_id.contains_key(&id) {
+            kept.order.push_back(id.clone());
+        }
         let entry = Entry {
             parent,
             items,
@@ -95,6 +102,10 @@ impl History {
         let mut turns = Vec::new();
         let mut next = Some(id);
         while let Some(id) = next {
+            // A chain longer than what is kept has a loop in it.
+            if turns.len() > kept.by_id.len() {
+                return None;
+            }
             let entry = kept.by_id.get(id)?;
             turns.push(&entry.items);
             next = entry.parent.as_deref();
@@ -225,10 +236,12 @@ pub(super) async fn create(
         })
         .await;
     }
-    match relay::whole(&front, &request).await {
+    match relay::whole(&front, request).await {
         Ok(mut outcome) => {
             // The engine saw the conversation whole; the client continued one.
-            outcome.reply["previous_response_id"] = json!(parent);
+            if let Some(reply) = outcome.reply.as_object_mut() {
+                reply.insert("previous_response_id".into(), json!(parent));
+            }
             if store {
                 front.responses.keep(parent, new_items, &outcome.reply);
             }
@@ -273,14 +286,15 @@ async fn constrained(
         contract,
         options,
     };
-    match relay::whole(front, &request).await {
+    match relay::whole(front, request).await {
         Ok(outcome) => {
-            let response = response_of(
+            let mut response = response_of(
                 &outcome.reply,
                 &outcome.task.task_id,
                 &body["text"],
                 outcome.usage,
             );
+            response["previous_response_id"] = json!(parent);
             if body["store"] != false {
                 front.responses.keep(parent, new_items, &response);
             }

@@ -69,6 +69,7 @@ pub fn response_format_contract(body: &mut Value) -> Result<Option<Contract>, Wi
     };
     let name = format
         .pointer("/json_schema/name")
+        .filter(|n| n.is_string())
         .cloned()
         .unwrap_or_else(|| json!("answer"));
     body["response_format"] = json!({"type": "json_schema", "json_schema": {
@@ -116,9 +117,13 @@ pub async fn forward(
         Ok(outcome) => Ok((&outcome.task, outcome.usage.input, outcome.usage.output)),
         Err(error) => Err(error),
     };
+    let kind = match request.endpoint {
+        Endpoint::CountTokens => "count_tokens",
+        _ => "chat",
+    };
     record(
         ctx,
-        "chat",
+        kind,
         &request.model,
         request.options.tag.clone(),
         entry,
@@ -154,11 +159,15 @@ impl Task<'_> {
         if request.endpoint == Endpoint::ChatCompletions {
             // The usage chunk is how the ledger learns a stream's tokens; the front door drops
             // it again for a client that did not ask.
-            body["stream_options"] = json!({"include_usage": true});
+            if !body["stream_options"].is_object() {
+                body["stream_options"] = json!({});
+            }
+            body["stream_options"]["include_usage"] = json!(true);
         }
         let mut usage = Tokens::default();
         let mut last = Value::Null;
         let mut relayed = false;
+        let mut ended = false;
         let mut wrong_model = None;
         let result = backend
             .relay_stream(request.endpoint, &body, |frame| {
@@ -172,6 +181,7 @@ impl Task<'_> {
                     }
                 }
                 add_frame_usage(request.endpoint, &data, &mut usage);
+                ended |= ends_stream(request.endpoint, &data);
                 if let Some(whole) = whole_of_frame(request.endpoint, &data) {
                     last = whole.clone();
                 }
@@ -184,9 +194,17 @@ impl Task<'_> {
         if let Some(error) = wrong_model {
             return Err(error);
         }
-        if relay.is_closed() {
+        // A client that left after the last event heard the whole answer.
+        if relay.is_closed() && !ended {
             return Err(TaskError::Cancelled);
         }
+        let result = match result {
+            // A stream that stopped short of its last event is broken, however it stopped.
+            Ok(done) if !(done || ended) => {
+                Err(backend.stream_broke("it ended before its last event"))
+            }
+            other => other.map(drop),
+        };
         match result {
             Ok(()) => Ok(Done::Forward { reply: last, usage }),
             Err(source) if relayed => Err(TaskError::StreamBroken { source }),
@@ -206,6 +224,18 @@ fn refused_as_bad_request(error: BackendError) -> TaskError {
         }
         error => TaskError::Backend(error),
     }
+}
+
+/// The context a relayed request surely needs: its body's bytes over the most any tokenizer
+/// packs into a token (images and the JSON around the text make this an overestimate of the
+/// text, never of what fits).
+pub(super) fn context_needed(request: &ForwardRequest) -> Option<u32> {
+    if request.endpoint == Endpoint::CountTokens {
+        return None;
+    }
+    let bytes = super::work::text_bytes(&request.body, 0);
+    let needed = u32::try_from(bytes / super::work::BYTES_PER_TOKEN_CEILING).unwrap_or(u32::MAX);
+    (needed > 0).then_some(needed)
 }
 
 /// The engines' compatible endpoints answer with whatever model is loaded when the one named is
@@ -265,7 +295,7 @@ fn add_frame_usage(endpoint: Endpoint, data: &Value, usage: &mut Tokens) {
         Endpoint::ChatCompletions if data.get("usage").is_some_and(Value::is_object) => {
             *usage = usage_of(endpoint, data);
         }
-        Endpoint::Responses if data["type"] == "response.completed" => {
+        Endpoint::Responses if responses_end(data) => {
             *usage = usage_of(endpoint, &data["response"]);
         }
         Endpoint::Messages => {
@@ -286,8 +316,25 @@ fn add_frame_usage(endpoint: Endpoint, data: &Value, usage: &mut Tokens) {
 /// The whole reply a stream carries at its end, where the format has one: the Responses
 /// object of `response.completed`.
 fn whole_of_frame(endpoint: Endpoint, data: &Value) -> Option<&Value> {
-    (endpoint == Endpoint::Responses && data["type"] == "response.completed")
-        .then(|| &data["response"])
+    (endpoint == Endpoint::Responses && responses_end(data)).then(|| &data["response"])
+}
+
+/// The events a Responses stream ends with: the response whole, however it ended.
+fn responses_end(data: &Value) -> bool {
+    matches!(
+        data["type"].as_str(),
+        Some("response.completed" | "response.incomplete" | "response.failed")
+    )
+}
+
+/// Whether a frame is the last of its format's stream (chat completions end with a bare
+/// `[DONE]`, which the relay reads for itself).
+fn ends_stream(endpoint: Endpoint, data: &Value) -> bool {
+    match endpoint {
+        Endpoint::Responses => responses_end(data),
+        Endpoint::Messages => data["type"] == "message_stop",
+        Endpoint::ChatCompletions | Endpoint::CountTokens => false,
+    }
 }
 
 /// A chat-completions answer's text, which a contract checks.

@@ -36,6 +36,7 @@ pub use forward::{forward, response_format_contract, ForwardOutcome, ForwardRequ
 use registry::Registry;
 use runner::{run_task, Done, Work};
 use sessions::Sessions;
+pub use work::text_bytes;
 
 /// Where a request's events go: its client's connection, under its id.
 #[derive(Debug, Clone)]

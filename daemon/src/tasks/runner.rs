@@ -331,7 +331,8 @@ impl<'a> Task<'a> {
                 chat.context_length,
                 context_needed(chat),
             ),
-            Work::Embed(_) | Work::Forward { .. } => (None, None, None),
+            Work::Forward { request, .. } => (None, None, forward::context_needed(request)),
+            Work::Embed(_) => (None, None, None),
         };
         let mut transient_tries = 0;
         // After an answer broke its contract, the one retry on this model runs at temperature 0.

@@ -197,7 +197,24 @@ impl Task<'_> {
 /// Tokens a text surely needs: no tokenizer averages more than this many bytes per token on
 /// prose or code, so an input longer than this many bytes per token of an instance's context
 /// cannot fit it.
-const BYTES_PER_TOKEN_CEILING: usize = 6;
+pub(super) const BYTES_PER_TOKEN_CEILING: usize = 6;
+
+/// The bytes of text in an agent's request body: its strings, each image (a data URL, or an
+/// Anthropic `base64` source) counted as `per_image` — a model reads an image as some hundreds
+/// of tokens, whatever its base64 weighs.
+pub fn text_bytes(value: &serde_json::Value, per_image: usize) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::String(text) if text.starts_with("data:") => per_image,
+        Value::String(text) => text.len(),
+        Value::Array(items) => items.iter().map(|v| text_bytes(v, per_image)).sum(),
+        Value::Object(fields) if fields.get("type").and_then(Value::as_str) == Some("base64") => {
+            per_image
+        }
+        Value::Object(fields) => fields.values().map(|v| text_bytes(v, per_image)).sum(),
+        _ => 0,
+    }
+}
 
 /// The context a chat needs of its instance: what `needs.min_context` says, or what its text
 /// clearly takes, whichever is more.
