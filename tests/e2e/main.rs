@@ -3,6 +3,7 @@
 // Helpers here are test code too: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod batch;
 mod contracts;
 mod fidelity;
 mod front_door;

@@ -509,9 +509,19 @@ pub async fn converse_within(
 /// Runs one of the Python client scripts (`tests/<name>/check.py`, the real `openai` or
 /// `anthropic` package against the front door) and fails with its output unless it passed.
 pub async fn python_client(name: &str, args: &[&str]) {
-    let script = format!("{}/../tests/{name}/check.py", env!("CARGO_MANIFEST_DIR"));
+    python_script(
+        &format!("{name}/check.py"),
+        args,
+        &format!("{name} client: ok"),
+    )
+    .await;
+}
+
+/// Runs `tests/<script>` with `args` and fails with its output unless it printed `ok`.
+pub async fn python_script(script: &str, args: &[&str], ok: &str) {
+    let path = format!("{}/../tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::process::Command::new("python3")
-        .arg(&script)
+        .arg(&path)
         .args(args)
         .output()
         .await
@@ -522,7 +532,7 @@ pub async fn python_client(name: &str, args: &[&str]) {
     );
     assert!(
         out.status.success(),
-        "{name} client failed\nstdout: {stdout}\nstderr: {stderr}"
+        "{script} failed\nstdout: {stdout}\nstderr: {stderr}"
     );
-    assert!(stdout.contains(&format!("{name} client: ok")), "{stdout}");
+    assert!(stdout.contains(ok), "{stdout}");
 }

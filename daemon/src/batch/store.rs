@@ -101,7 +101,6 @@ pub struct JobRow {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub seq: u64,
-    pub custom_id: String,
     pub model: String,
     pub task: String,
 }
@@ -137,6 +136,13 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
     }
+}
+
+/// Makes deleted data unreadable: `secure_delete` zeroed its pages in the database, and the
+/// write-ahead log, which may still hold earlier copies of them, is emptied.
+fn forget(db: &Connection) -> Result<()> {
+    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .map_err(StoreError::of)
 }
 
 impl Store {
@@ -262,16 +268,15 @@ impl Store {
                  WHERE job = ?1 AND seq IN (
                      SELECT seq FROM lines WHERE job = ?1 AND state = 'pending'
                      AND (?2 IS NULL OR model = ?2) ORDER BY seq LIMIT ?3)
-                 RETURNING seq, custom_id, task, model",
+                 RETURNING seq, task, model",
             )
             .map_err(StoreError::of)?;
         let rows = query
             .query_map(params![job, model, n], |row| {
                 Ok(Claimed {
                     seq: row.get(0)?,
-                    custom_id: row.get(1)?,
-                    task: row.get::<_, Option<String>>(2)?.unwrap_or_default(),
-                    model: row.get(3)?,
+                    task: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    model: row.get(2)?,
                 })
             })
             .map_err(StoreError::of)?;
@@ -352,20 +357,27 @@ impl Store {
 
     /// Deletes a job and its lines; false if there was none.
     pub fn delete(&self, job: &str) -> Result<bool> {
-        self.db()
+        let db = self.db();
+        let deleted = db
             .execute("DELETE FROM jobs WHERE id = ?1", [job])
-            .map(|n| n > 0)
-            .map_err(StoreError::of)
+            .map_err(StoreError::of)?;
+        forget(&db)?;
+        Ok(deleted > 0)
     }
 
     /// Deletes jobs that ended before `before` (unix seconds); how many.
     pub fn expire(&self, before: u64) -> Result<usize> {
-        self.db()
+        let db = self.db();
+        let deleted = db
             .execute(
                 "DELETE FROM jobs WHERE state IN ('completed', 'cancelled') AND finished < ?1",
                 [before],
             )
-            .map_err(StoreError::of)
+            .map_err(StoreError::of)?;
+        if deleted > 0 {
+            forget(&db)?;
+        }
+        Ok(deleted)
     }
 
     fn job_rows(&self, filter: Option<&str>) -> Result<Vec<JobRow>> {
@@ -474,10 +486,12 @@ impl Store {
     }
 
     pub fn delete_file(&self, id: &str) -> Result<bool> {
-        self.db()
+        let db = self.db();
+        let deleted = db
             .execute("DELETE FROM files WHERE id = ?1", [id])
-            .map(|n| n > 0)
-            .map_err(StoreError::of)
+            .map_err(StoreError::of)?;
+        forget(&db)?;
+        Ok(deleted > 0)
     }
 }
 

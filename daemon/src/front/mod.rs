@@ -6,6 +6,7 @@
 //! This file owns the router, keys, model names (aliases, and the 404 that lists what exists)
 //! and errors in each caller's own shape; `relay` runs a request; one file per API.
 
+mod batches;
 mod messages;
 mod openai;
 mod relay;
@@ -58,6 +59,15 @@ pub async fn serve(
         .route("/v1/responses/{id}", get(responses::get))
         .route("/v1/messages", post(messages::create))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/files", post(batches::upload))
+        .route(
+            "/v1/files/{id}",
+            get(batches::file).delete(batches::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(batches::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/metrics", get(metrics))
         // Agents send long histories and screenshots: axum's 2 MB default is too small.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
