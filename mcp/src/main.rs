@@ -2,6 +2,7 @@
 //! any MCP client) as an MCP server over stdio. It talks to lmsd over its socket, as
 //! `lmsd-ctl` does, and holds no model state of its own.
 
+mod batch;
 mod files;
 mod tools;
 

@@ -1,5 +1,6 @@
 //! The tools agents call: `local_task`, `local_embed`, `local_models`, `local_status`,
-//! `local_savings` — each one or a few requests to lmsd over its socket, answered with a
+//! `local_savings` (and in `batch`, `local_batch` and `local_batch_status`) — each one or a
+//! few requests to lmsd over its socket, answered with a
 //! receipt, or with a one-line error that tells the agent what to do instead.
 
 use std::path::PathBuf;
@@ -74,7 +75,7 @@ pub struct EmbedParams {
 }
 
 /// What a failed call tells the agent: one line, with what to do.
-fn failure(error: &ClientError) -> CallToolResult {
+pub(crate) fn failure(error: &ClientError) -> CallToolResult {
     let line = match error {
         ClientError::Connect { .. } => "lmsd is not running — do this task yourself".to_owned(),
         ClientError::Remote(wire) => {
@@ -107,7 +108,7 @@ fn failure(error: &ClientError) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(line)])
 }
 
-fn refused(line: String) -> CallToolResult {
+pub(crate) fn refused(line: String) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(line)])
 }
 
@@ -154,7 +155,7 @@ impl LocalTools {
             files,
             allowed,
             today: Default::default(),
-            tool_router: Self::tool_router(),
+            tool_router: Self::tool_router() + Self::batch_router(),
         }
     }
 
@@ -162,7 +163,7 @@ impl LocalTools {
     /// lists any on disk), with the `--allow-dir`s; else the defaults.
     // Roots are deprecated by the 2026 spec (SEP-2577), and still what today's agents send.
     #[allow(deprecated)]
-    async fn access_for(&self, peer: &Peer<RoleServer>) -> Access {
+    pub(crate) async fn access_for(&self, peer: &Peer<RoleServer>) -> Access {
         let offers_roots = peer
             .peer_info()
             .is_some_and(|info| info.capabilities.roots.is_some());
@@ -188,7 +189,7 @@ impl LocalTools {
         }
     }
 
-    async fn connect(&self) -> Result<Client, ClientError> {
+    pub(crate) async fn connect(&self) -> Result<Client, ClientError> {
         Client::connect(&self.socket).await
     }
 

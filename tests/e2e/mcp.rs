@@ -19,6 +19,12 @@ async fn the_mcp_python_sdk_drives_lmsd_mcp() {
     );
     let allowed = tempfile::tempdir().unwrap();
     std::fs::write(allowed.path().join("notes.txt"), "fix the parser").unwrap();
+    let tickets: Vec<String> = (0..3)
+        .map(|i| {
+            serde_json::json!({"id": i, "input": format!("ticket {i}: it crashes")}).to_string()
+        })
+        .collect();
+    std::fs::write(allowed.path().join("tickets.jsonl"), tickets.join("\n")).unwrap();
     std::fs::write(allowed.path().join("chart.png"), [0x89, b'P', b'N', b'G']).unwrap();
     let outside = tempfile::tempdir().unwrap();
     let secret = outside.path().join("secret.txt");

@@ -30,7 +30,7 @@ async def main():
         async with ClientSession(read, write) as session:
             await session.initialize()
             names = sorted(t.name for t in (await session.list_tools()).tools)
-            assert names == ["local_embed", "local_models", "local_savings", "local_status", "local_task"], names
+            assert names == ["local_batch", "local_batch_status", "local_embed", "local_models", "local_savings", "local_status", "local_task"], names
 
             # The first chat waits for a slow load (the test delays it): progress comes, then the
             # client gives up, and the cancel reaches lmsd, which drops the task.
@@ -89,6 +89,20 @@ async def main():
             assert " up;" in text(status) and "ibm/granite-4-micro idle" in text(status), text(status)
             savings = await session.call_tool("local_savings", {})
             assert "today:" in text(savings), text(savings)
+
+            # A batch job from a file the agent never reads: an id at once, then its progress.
+            submitted = await session.call_tool("local_batch", {"file": "tickets.jsonl", "choices": ["bug", "feature"]})
+            assert not submitted.is_error, text(submitted)
+            job_id = submitted.structured_content["job_id"]
+            for _ in range(100):
+                status = await session.call_tool("local_batch_status", {"job_id": job_id})
+                if status.structured_content["jobs"][0]["state"] == "completed":
+                    break
+                await asyncio.sleep(0.1)
+            assert status.structured_content["jobs"][0]["done"] == 3, text(status)
+            assert "batch results" in text(status), text(status)
+            outside_job = await session.call_tool("local_batch", {"file": outside})
+            assert outside_job.is_error and "outside" in text(outside_job), text(outside_job)
 
     # A client that names its MCP roots: they replace the directory lmsd-mcp started in (the
     # --allow-dir stays).
