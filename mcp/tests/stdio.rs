@@ -75,6 +75,8 @@ async fn without_lmsd_the_tools_are_listed_and_a_call_says_to_do_the_task_yourse
     assert_eq!(
         names,
         [
+            "local_batch",
+            "local_batch_status",
             "local_embed",
             "local_models",
             "local_savings",
