@@ -65,11 +65,16 @@ pub fn at_simulator(sim: &Simulator) -> String {
 impl Daemon {
     /// Starts lmsd with `engine` (the config of the engine it drives) and `extra` config.
     pub async fn start(engine: &str, extra: &str) -> Result<Daemon, String> {
+        Self::start_with_pool(engine, extra, "memory_budget = \"64GiB\"\n").await
+    }
+
+    /// As `start`, with `pool` as the `[pool]` section's keys.
+    pub async fn start_with_pool(engine: &str, extra: &str, pool: &str) -> Result<Daemon, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let socket = dir.path().join("lmsd.sock");
         let config = dir.path().join("lmsd.toml");
         let text = format!(
-            "[server]\nsocket = {socket:?}\nmax_connections = 4096\n{engine}[pool]\nmemory_budget = \"64GiB\"\n[tasks]\nmax_queue = 100000\n[log]\nlevel = \"warn\"\n{extra}",
+            "[server]\nsocket = {socket:?}\nmax_connections = 4096\n{engine}[pool]\n{pool}[tasks]\nmax_queue = 100000\n[log]\nlevel = \"warn\"\n{extra}",
         );
         std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let child = Command::new(binary("lmsd")?)

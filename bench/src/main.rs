@@ -2,6 +2,7 @@
 //! binary, runs each measurement against a baseline taken in the same run, prints a table and
 //! writes JSON.
 
+mod batch;
 mod engine;
 mod live;
 mod mcp;
@@ -15,7 +16,7 @@ use clap::Parser;
 use serde_json::json;
 
 /// Measures lmsd: P1 dispatch overhead, P2 throughput, P3 memory, P4 pool policy quality,
-/// P5 start-up and CLI time, P6 the front door, P7 lmsd-mcp. Build first: `cargo build
+/// P5 start-up and CLI time, P6 the front door, P7 lmsd-mcp, P8 batch jobs. Build first: `cargo build
 /// --release --bins`.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -260,6 +261,24 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
     }
     println!();
 
+    let (batch_lines, swap_lines) = if args.quick { (500, 60) } else { (10_000, 300) };
+    let p8 = batch::p8(batch_lines, swap_lines).await?;
+    println!(
+        "P8 batch: a {}-line job on the simulator (zero delay), {} lines at a time",
+        p8.lines, 4
+    );
+    println!(
+        "  {:>8.0} lines/s ({:.1} s); the same chats over the socket {:>8.0} /s; a line costs {:.0} us beyond its chat",
+        p8.lines_per_s, p8.seconds, p8.direct_chats_per_s, p8.overhead_per_line_us
+    );
+    println!(
+        "  lmsd's RSS during the job: peak {:.1} MiB",
+        p8.peak_rss_mib
+    );
+    println!(
+        "  three models, memory for two, {} lines: {} loads warm-first, {} in the file's order\n",
+        p8.swap_lines, p8.loads_warm, p8.loads_file_order
+    );
     let p5 = live::p5(&sim, starts, ctl_runs).await?;
     println!("P5 start-up and CLI");
     println!(
@@ -274,6 +293,6 @@ async fn run(args: &Args) -> Result<serde_json::Value, String> {
         verdict(p5.ctl_status_wall.p50_us <= 5_000.0)
     );
     Ok(
-        json!({ "p1": p1, "p1_llama_server": p1_engine.map(|(_, p1)| p1), "p2": p2, "p3": p3, "p4": p4, "p5": p5, "p6": p6, "p7": p7, "quick": args.quick, "seed": args.seed }),
+        json!({ "p1": p1, "p1_llama_server": p1_engine.map(|(_, p1)| p1), "p2": p2, "p3": p3, "p4": p4, "p5": p5, "p6": p6, "p7": p7, "p8": p8, "quick": args.quick, "seed": args.seed }),
     )
 }

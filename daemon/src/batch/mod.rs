@@ -40,6 +40,12 @@ struct Run {
     loads: u64,
     /// Why it is paused (a store write failed); it resumes at the next write that works.
     paused: Option<String>,
+    /// Pending lines per model, kept as lines are claimed; `None` when they must be read from
+    /// the store again (a line went back to pending). Reading them each time a line ends would
+    /// make a job's cost grow with the square of its length.
+    pending: Option<Vec<policy::Pending>>,
+    /// A line went back to pending while a fill held the counts: they are stale.
+    pending_stale: bool,
     /// The job's counts, kept here for progress events (the store's are the truth).
     total: u64,
     done: u64,
@@ -55,6 +61,8 @@ impl Run {
             finished: 0,
             loads: row.loads,
             paused: None,
+            pending: None,
+            pending_stale: false,
             total: row.total,
             done: row.done,
             failed: row.failed,
@@ -384,7 +392,7 @@ async fn fill(ctx: &Context) -> Result<(), TaskError> {
             };
             batches.runs().insert(job.clone(), Run::new(&row));
         }
-        let (room, in_flight) = {
+        let (room, in_flight, cached) = {
             let mut runs = batches.runs();
             let Some(run) = runs.get_mut(&job) else {
                 continue;
@@ -397,22 +405,27 @@ async fn fill(ctx: &Context) -> Result<(), TaskError> {
                 }
                 tracing::info!(job = %job, was = %why, "batch job resumes");
                 run.paused = None;
+                run.pending = None;
             }
             (
                 u64::from(concurrency).saturating_sub(run.running()),
                 run.in_flight.clone(),
+                run.pending.take(),
             )
         };
-        let pending: Vec<policy::Pending> = store
-            .pending_by_model(&job)
-            .map_err(store_error)?
-            .into_iter()
-            .map(|(model, count, first)| policy::Pending {
-                model,
-                count,
-                first,
-            })
-            .collect();
+        let mut pending: Vec<policy::Pending> = match cached {
+            Some(pending) => pending,
+            None => store
+                .pending_by_model(&job)
+                .map_err(store_error)?
+                .into_iter()
+                .map(|(model, count, first)| policy::Pending {
+                    model,
+                    count,
+                    first,
+                })
+                .collect(),
+        };
         if pending.is_empty() {
             if in_flight.values().all(|n| *n == 0) {
                 store.end(&job, "completed", now_s()).map_err(store_error)?;
@@ -422,6 +435,7 @@ async fn fill(ctx: &Context) -> Result<(), TaskError> {
             continue;
         }
         if room == 0 {
+            keep_pending(batches, &job, pending);
             continue;
         }
         if warm.is_none() {
@@ -440,9 +454,21 @@ async fn fill(ctx: &Context) -> Result<(), TaskError> {
                 .claim(&job, model.as_deref(), n)
                 .map_err(store_error)?
             {
+                if let Some(p) = pending.iter_mut().find(|p| p.model == line.model) {
+                    p.count -= 1;
+                }
                 run::start(ctx, &job, line);
             }
         }
+        pending.retain(|p| p.count > 0);
+        keep_pending(batches, &job, pending);
     }
     Ok(())
+}
+
+/// Keeps a job's pending counts for the next fill, unless they were made stale meanwhile.
+fn keep_pending(batches: &Batches, job: &str, pending: Vec<policy::Pending>) {
+    if let Some(run) = batches.runs().get_mut(job) {
+        run.pending = (!std::mem::take(&mut run.pending_stale)).then_some(pending);
+    }
 }

@@ -83,6 +83,11 @@ fn finish(ctx: &Context, job: &str, line: &Claimed, end: End) {
     if let Some(n) = run.in_flight.get_mut(&line.model) {
         *n = n.saturating_sub(1);
     }
+    if matches!(end, End::Requeue) || written.is_err() {
+        // A line back to pending (or left running to be): the counts are read again.
+        run.pending = None;
+        run.pending_stale = true;
+    }
     match written {
         Err(error) => {
             // Nothing is lost: the line is still `running` in the store and runs again when
