@@ -13,13 +13,33 @@ use crate::support::*;
 
 const MODELS: [&str; 3] = ["ibm/granite-4-micro", "qwen/qwen3-4b", "qwen/qwen3-vl-4b"];
 
-/// A job file of `n` lines in lmsd's form, the models taken in turn.
+/// A job file of `n` lines in lmsd's form, the models taken in turn, labelling tickets.
 fn job_file(dir: &std::path::Path, n: usize, models: &[&str], marker: &str) -> std::path::PathBuf {
+    write_job(
+        dir,
+        n,
+        models,
+        marker,
+        json!({"choices": ["bug", "feature"]}),
+    )
+}
+
+/// As `job_file`, each line with `extra` fields.
+fn write_job(
+    dir: &std::path::Path,
+    n: usize,
+    models: &[&str],
+    marker: &str,
+    extra: Value,
+) -> std::path::PathBuf {
     let text: Vec<String> = (0..n)
         .map(|i| {
-            json!({"id": format!("t{i}"), "input": format!("{marker} ticket {i}: it crashes"),
-                   "model": models[i % models.len()], "choices": ["bug", "feature"]})
-            .to_string()
+            let mut line = json!({"id": format!("t{i}"), "input": format!("{marker} ticket {i}: it crashes"),
+                   "model": models[i % models.len()]});
+            if let (Some(line), Some(extra)) = (line.as_object_mut(), extra.as_object()) {
+                line.extend(extra.clone());
+            }
+            line.to_string()
         })
         .collect();
     let path = dir.join("job.jsonl");
@@ -229,7 +249,12 @@ async fn interactive_tasks_overtake_a_running_job() {
     // them would wait two lines' time.
     let daemon = TestDaemon::start_with(&sim.url(), "[batch]\nconcurrency = 8\n", &[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let id = submit(&daemon, &job_file(dir.path(), 60, &MODELS[..1], "busy")).await;
+    // Summaries, not labels: each line's answer is a sentence, some 13 tokens long.
+    let id = submit(
+        &daemon,
+        &write_job(dir.path(), 60, &MODELS[..1], "busy", json!({})),
+    )
+    .await;
     wait_for(&daemon, &id, |j| j["running"] == 8).await;
     let started = Instant::now();
     let chat = daemon
@@ -238,11 +263,12 @@ async fn interactive_tasks_overtake_a_running_job() {
     let waited = started.elapsed();
     let job = job(&daemon, &id).await;
     assert_eq!(job["state"], "running", "the job was still running: {job}");
-    // A line takes about 13 tokens x 40 ms; the interactive task waits for the first slot
-    // that frees, not for the 4 batch lines queued before it.
-    let line = Duration::from_millis(13 * 40);
+    // A line takes as long as this answer's tokens at 40 ms each. The interactive task waits
+    // for the first slot that frees (about one line), not behind the 4 batch lines queued
+    // before it (two lines).
+    let line_ms = chat["usage"]["total_output_tokens"].as_u64().unwrap() * 40;
     assert!(
-        chat["queued_ms"].as_u64().unwrap() < line.as_millis() as u64 * 3 / 2,
+        chat["queued_ms"].as_u64().unwrap() < line_ms * 3 / 2,
         "{chat} (took {waited:?})"
     );
 }
