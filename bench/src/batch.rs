@@ -83,7 +83,8 @@ async fn run_job(daemon: &Daemon, lines: String) -> Result<(BatchJob, Duration, 
         if job.state != BatchState::Running {
             return Ok((job, started.elapsed(), peak));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // As `lmsd-ctl batch submit --wait` polls (a status reads every line's state).
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -292,3 +292,79 @@ async fn the_openai_client_runs_a_batch_through_the_front_door() {
     let list = daemon.ctl_json(&["batch", "list"]).await;
     assert!(list["jobs"].as_array().unwrap().len() >= 2, "{list}");
 }
+
+/// A small filesystem of its own (tmpfs), for a disk that fills; `None` where this machine
+/// cannot mount one (not root, or no such privilege).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { dir })
+    }
+
+    /// Takes every free byte, in a file `fill` names; deleting it frees them again.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.write_all(&[0; 512]);
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_a_job_and_loses_nothing_done() {
+    let Some(disk) = SmallDisk::mount("16m") else {
+        eprintln!("SKIPPED: this machine cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let mut config = SimConfig::zero_delay();
+    config.token_delay = Duration::from_millis(10);
+    let sim = start_sim(config).await;
+    let state = disk.dir.path().join("state");
+    let env = [("STATE_DIRECTORY", state.to_str().unwrap())];
+    let daemon = TestDaemon::start_with(&sim.url(), "", &env).await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = submit(&daemon, &job_file(dir.path(), 60, &MODELS[..1], "disk")).await;
+    wait_for(&daemon, &id, |j| j["done"].as_u64() >= Some(5)).await;
+    let filler = disk.fill();
+    let paused = wait_for(&daemon, &id, |j| j["state"] == "paused").await;
+    assert!(
+        paused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("full"),
+        "{paused}"
+    );
+    let done_when_paused = paused["done"].as_u64().unwrap();
+    std::fs::remove_file(filler).unwrap();
+    let after = wait_for(&daemon, &id, |j| j["state"] == "completed").await;
+    assert_eq!(after["done"], 60, "{after}");
+    assert!(done_when_paused <= 60);
+    let lines = results(&daemon, &id).await;
+    let counts = counts_per_id(&lines);
+    assert!(
+        counts.len() == 60 && counts.values().all(|n| *n == 1),
+        "{counts:?}"
+    );
+}

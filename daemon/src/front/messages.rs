@@ -12,7 +12,9 @@ use lmsd_proto::{TaskOptions, WireError};
 use serde_json::{json, Value};
 
 use super::relay::{self, Shape};
-use super::{authorize, has_part, parse_object, resolve_model, Dialect, Front, Wants};
+use super::{
+    authorize, has_part, offers_tools, parse_object, resolve_model, Dialect, Front, Wants,
+};
 use crate::backend::Endpoint;
 use crate::config::EngineKind;
 use crate::tasks::ForwardRequest;
@@ -80,12 +82,6 @@ fn hoist_system(body: &mut Value) {
             json!(parts.join("\n\n"))
         }
     };
-}
-
-/// Whether the body offers tools the model may call.
-fn offers_tools(body: &Value) -> bool {
-    body["tools"].as_array().is_some_and(|t| !t.is_empty())
-        && body.pointer("/tool_choice/type") != Some(&json!("none"))
 }
 
 /// A body read as far as lmsd must, or the error response for it.

@@ -268,6 +268,14 @@ impl Wants {
     }
 }
 
+/// Whether a request offers tools the model may call: OpenAI's `tool_choice: "none"` and
+/// Anthropic's `{"type": "none"}` offer none.
+fn offers_tools(body: &Value) -> bool {
+    body["tools"].as_array().is_some_and(|t| !t.is_empty())
+        && body["tool_choice"] != "none"
+        && body["tool_choice"]["type"] != "none"
+}
+
 /// Whether any content part in `items` (messages, or Responses input items) is of `kind`,
 /// nested tool results included.
 fn has_part(items: &Value, kind: &str) -> bool {

@@ -14,14 +14,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::relay::{self, Shape};
-use super::{authorize, has_part, parse_object, resolve_model, Dialect, Front, Wants};
+use super::{
+    authorize, has_part, offers_tools, parse_object, resolve_model, Dialect, Front, Wants,
+};
 use crate::backend::Endpoint;
 use crate::tasks::{self, response_format_contract, EventSink, ForwardRequest};
-
-/// Whether a chat-completions body offers tools the model may call.
-fn offers_tools(body: &Value) -> bool {
-    body["tools"].as_array().is_some_and(|t| !t.is_empty()) && body["tool_choice"] != "none"
-}
 
 pub(super) async fn chat_completions(
     State(front): State<Front>,

@@ -23,7 +23,9 @@ use lmsd_proto::{TaskOptions, WireError};
 use serde_json::{json, Value};
 
 use super::relay::{self, Shape};
-use super::{authorize, has_part, parse_object, resolve_model, unix_now, Dialect, Front, Wants};
+use super::{
+    authorize, has_part, offers_tools, parse_object, resolve_model, unix_now, Dialect, Front, Wants,
+};
 use crate::backend::Endpoint;
 use crate::config::EngineKind;
 use crate::tasks::ForwardRequest;
@@ -198,8 +200,7 @@ pub(super) async fn create(
     items.extend(new_items.iter().cloned());
     let wants = Wants {
         images: has_part(&json!(items), "input_image"),
-        tools: body["tools"].as_array().is_some_and(|t| !t.is_empty())
-            && body["tool_choice"] != "none",
+        tools: offers_tools(&body),
     };
     let model = match resolve_model(&front, &body, wants).await {
         Ok(model) => model,
@@ -263,12 +264,19 @@ async fn constrained(
     options: TaskOptions,
 ) -> Response {
     let dialect = Dialect::OpenAi;
-    let refuse = |why: &str, field| dialect.error_about(WireError::bad_request(why), Some(field));
+    let refuse =
+        |why: &str, field: &str| dialect.error_about(WireError::bad_request(why), Some(field));
     if body["stream"] == true {
         return refuse("an answer under text.format is checked whole before it is sent, so it cannot stream: leave stream out", "stream");
     }
     if body["tools"].as_array().is_some_and(|t| !t.is_empty()) {
         return refuse("text.format with tools: lmsd checks one answer against the format, and a tool call is not one; send them apart", "tools");
+    }
+    if let Some(field) = untranslated(body) {
+        return refuse(
+            &format!("lmsd runs a text.format request as a chat completion, which has no {field:?}; leave it out"),
+            field,
+        );
     }
     let mut chat = match chat_body(body, &items) {
         Ok(chat) => chat,
@@ -302,6 +310,32 @@ async fn constrained(
         }
         Err(wire) => dialect.error(wire),
     }
+}
+
+/// The fields a Responses request with `text.format` is translated with (or that change nothing
+/// of its answer); any other would be dropped on the way to chat completions, so it is refused.
+const TRANSLATED: [&str; 14] = [
+    "model",
+    "input",
+    "instructions",
+    "text",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "previous_response_id",
+    "store",
+    "stream",
+    "metadata",
+    "user",
+    "tool_choice",
+    "parallel_tool_calls",
+];
+
+fn untranslated(body: &Value) -> Option<&str> {
+    body.as_object()?
+        .iter()
+        .find(|(key, value)| !value.is_null() && !TRANSLATED.contains(&key.as_str()))
+        .map(|(key, _)| key.as_str())
 }
 
 /// A content part of a Responses message as a chat-completions part.
@@ -476,6 +510,14 @@ mod tests {
         assert_eq!(chat["messages"][3]["role"], "tool");
         assert_eq!(chat["max_tokens"], 9);
         assert_eq!(chat["response_format"]["json_schema"]["name"], "x");
+    }
+
+    #[test]
+    fn a_field_the_chat_translation_would_drop_is_named() {
+        let plain = json!({"model": "m", "input": "x", "text": {"format": {}}, "metadata": {}});
+        assert_eq!(untranslated(&plain), None);
+        let reasoning = json!({"model": "m", "input": "x", "reasoning": {"effort": "low"}});
+        assert_eq!(untranslated(&reasoning), Some("reasoning"));
     }
 
     #[test]
