@@ -5,6 +5,7 @@
 
 mod batch;
 mod contracts;
+mod dashboard;
 mod fidelity;
 mod front_door;
 mod mcp;

@@ -347,10 +347,12 @@ pub async fn serve(ctx: Context) {
         if let Err(error) = fill(&ctx).await {
             tracing::warn!(%error, "the batch runner could not read its jobs");
         }
+        // With no job running, nothing to look at until one is submitted: no wake-ups.
+        let idle = batches.runs().is_empty();
         tokio::select! {
             _ = ctx.stopping.cancelled() => return,
             _ = batches.wake.notified() => {}
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(TICK), if !idle => {}
             event = events.recv() => {
                 if let Ok(Event::Loaded { .. }) = event {
                     for run in batches.runs().values_mut().filter(|r| r.running() > 0) {
@@ -384,6 +386,10 @@ async fn fill(ctx: &Context) -> Result<(), TaskError> {
         (config.batch.concurrency, config.batch.order)
     };
     let jobs = store.running_jobs().map_err(store_error)?;
+    // A job cancelled or deleted is forgotten here once its last line has ended.
+    batches
+        .runs()
+        .retain(|id, run| jobs.contains(id) || run.running() > 0);
     let mut warm: Option<HashSet<String>> = None;
     for job in jobs {
         if !batches.runs().contains_key(&job) {

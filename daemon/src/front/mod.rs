@@ -7,6 +7,7 @@
 //! and errors in each caller's own shape; `relay` runs a request; one file per API.
 
 mod batches;
+mod dashboard;
 mod messages;
 mod openai;
 mod relay;
@@ -52,6 +53,10 @@ pub async fn serve(
         responses: Arc::new(responses::History::default()),
     };
     let app = Router::new()
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/lmsd", post(dashboard::request))
+        .route("/events", get(dashboard::events))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/embeddings", post(openai::embeddings))

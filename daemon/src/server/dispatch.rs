@@ -42,8 +42,8 @@ async fn batch_results(
     }))
 }
 
-/// The terminal reply to one request.
-async fn answer(
+/// The terminal reply to one request (the front door's dashboard asks through it too).
+pub(crate) async fn answer(
     ctx: &Context,
     id: String,
     request: &Request,

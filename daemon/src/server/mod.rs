@@ -4,6 +4,7 @@
 
 mod connection;
 mod dispatch;
+pub(crate) use dispatch::answer;
 
 use connection::{serve_connection, Limits};
 
