@@ -12,7 +12,7 @@ mod store;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lmsd_proto::{BatchJob, BatchState, BatchSubmitRequest, Event};
@@ -77,8 +77,12 @@ impl Run {
 /// The batch jobs: the store, and the jobs running now.
 #[derive(Debug)]
 pub struct Batches {
-    /// `Err` with why when the store could not be opened: lmsd runs, batch requests say why.
-    store: Result<Store, String>,
+    /// Where the store is (none: no state directory).
+    path: Option<PathBuf>,
+    /// Opened at start when it exists (jobs may wait in it), else at the first batch request:
+    /// an lmsd that never runs a job does not carry SQLite in its memory. `Err` says why it
+    /// could not be opened; lmsd runs on, and batch requests say why.
+    store: OnceLock<Result<Store, String>>,
     runs: Mutex<HashMap<String, Run>>,
     wake: Notify,
 }
@@ -96,24 +100,38 @@ fn store_error(error: StoreError) -> TaskError {
 }
 
 impl Batches {
-    /// Opens the store at `path` (none: batch jobs unavailable, saying why).
+    /// The batch jobs kept at `path`; the store is opened now if it exists.
     pub fn open(path: Option<PathBuf>) -> Batches {
-        let store = match path {
-            None => Err("lmsd has no state directory (set [server] state_dir)".to_owned()),
-            Some(path) => Store::open(&path).map_err(|e| e.to_string()),
-        };
-        if let Err(why) = &store {
-            tracing::error!("{why}; batch jobs are unavailable");
-        }
-        Batches {
-            store,
+        let batches = Batches {
+            path,
+            store: OnceLock::new(),
             runs: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+        };
+        if batches.path.as_ref().is_some_and(|p| p.exists()) {
+            let _ = batches.store();
         }
+        batches
     }
 
+    /// The store, opened on first use.
     fn store(&self) -> Result<&Store, TaskError> {
-        self.store.as_ref().map_err(|why| unavailable(why))
+        let opened = self.store.get_or_init(|| {
+            let store = match &self.path {
+                None => Err("lmsd has no state directory (set [server] state_dir)".to_owned()),
+                Some(path) => Store::open(path).map_err(|e| e.to_string()),
+            };
+            if let Err(why) = &store {
+                tracing::error!("{why}; batch jobs are unavailable");
+            }
+            store
+        });
+        opened.as_ref().map_err(|why| unavailable(why))
+    }
+
+    /// The store if it is open, without opening it.
+    fn opened(&self) -> Option<&Store> {
+        self.store.get().and_then(|s| s.as_ref().ok())
     }
 
     fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Run>> {
@@ -331,9 +349,6 @@ fn no_job(id: &str) -> TaskError {
 /// Runs the jobs until lmsd stops: claims lines as room frees, lines of warm models first.
 pub async fn serve(ctx: Context) {
     let batches = ctx.batches.clone();
-    if batches.store.is_err() {
-        return;
-    }
     let mut events = ctx.observers.events.subscribe();
     let mut last_expiry = None::<Instant>;
     loop {
@@ -367,7 +382,7 @@ pub async fn serve(ctx: Context) {
 /// Deletes jobs that ended longer ago than `[batch] keep`.
 fn expire(ctx: &Context) {
     let keep = ctx.config.borrow().batch.keep;
-    let Ok(store) = ctx.batches.store() else {
+    let Some(store) = ctx.batches.opened() else {
         return;
     };
     match store.expire(now_s().saturating_sub(keep.as_secs())) {
@@ -380,7 +395,10 @@ fn expire(ctx: &Context) {
 /// Claims lines for every running job with room, and starts them.
 async fn fill(ctx: &Context) -> Result<(), TaskError> {
     let batches = &ctx.batches;
-    let store = batches.store()?;
+    // Until a job is submitted (which opens the store), there is nothing to run.
+    let Some(store) = batches.opened() else {
+        return Ok(());
+    };
     let (concurrency, order) = {
         let config = ctx.config.borrow();
         (config.batch.concurrency, config.batch.order)

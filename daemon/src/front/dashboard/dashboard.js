@@ -141,11 +141,23 @@ async function refreshSavings() {
   ]);
 }
 
+/** A job's progress: a bar, and done/total in words. */
+function progress(job) {
+  const td = cell(`${job.done + job.failed}/${job.total}` + (job.failed ? ` (${job.failed} failed)` : ""));
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  const done = document.createElement("span");
+  done.style.width = (100 * (job.done + job.failed) / Math.max(job.total, 1)) + "%";
+  bar.appendChild(done);
+  td.prepend(bar);
+  return td;
+}
+
 async function refreshBatches() {
   const list = await ask("batch_status");
   rows($("batches"), list.jobs || [], (j) => [
     cell((j.name || j.job_id).slice(0, 24)), cell(j.state + (j.error ? ": " + j.error : ""), j.state === "paused" ? "bad" : ""),
-    cell(`${j.done + j.failed}/${j.total}` + (j.failed ? ` (${j.failed} failed)` : "")),
+    progress(j),
     cell(j.state === "running" ? j.rate_per_s.toFixed(1) + "/s" : ""), cell(j.eta_s == null ? "" : ago(j.eta_s)),
     j.state === "running" ? button("Cancel", () => ask("batch_cancel", { job_id: j.job_id })) : cell(""),
   ]);
@@ -197,8 +209,10 @@ function logEvent(e) {
   const text = describe(e);
   if (text === null) return;
   const li = document.createElement("li");
-  const at = new Date();
-  li.textContent = `${at.toLocaleTimeString()}  ${text}`;
+  li.dataset.at = Date.now();
+  li.dataset.text = text;
+  li.title = new Date().toLocaleTimeString();
+  li.textContent = `now  ${text}`;
   if (e.event === "load_failed" || (e.event === "task_finished" && e.outcome !== "ok")) li.className = "bad";
   $("events").prepend(li);
   while ($("events").children.length > 200) $("events").lastChild.remove();
@@ -228,7 +242,8 @@ async function follow() {
         logEvent(e);
         if (e.event.startsWith("task_")) soon(refreshTasks);
         if (["loaded", "load_started", "unloaded", "load_failed", "task_started", "task_finished", "backend"].includes(e.event)) soon(refreshStatus);
-        if (e.event === "task_finished") { soon(refreshSavings); soon(refreshFitness); }
+        // The ledger is written every 500 ms: savings and pass rates are read after that.
+        if (e.event === "task_finished") setTimeout(() => { soon(refreshSavings); soon(refreshFitness); }, 600);
         if (e.event === "batch_progress") soon(refreshBatches);
       }
     }
@@ -240,5 +255,10 @@ async function follow() {
 
 refreshAll();
 follow();
-// Idle and TTL clocks move without events, and the ledger is written in batches.
-setInterval(refreshAll, 5000);
+// Idle and TTL clocks move without events; so does "2m ago".
+setInterval(() => {
+  soon(refreshStatus);
+  for (const li of $("events").children) {
+    li.textContent = `${ago((Date.now() - li.dataset.at) / 1000)} ago  ${li.dataset.text}`;
+  }
+}, 5000);
