@@ -290,11 +290,11 @@ async fn follow(socket: &Path, mut job: BatchJob, json: bool) -> ExitCode {
 
 /// Writes a job's results as JSONL, to `output` or standard output.
 async fn results(socket: &Path, job_id: String, output: Option<PathBuf>) -> ExitCode {
-    let mut sink: Box<dyn Write> = match &output {
-        Some(path) => match std::fs::File::create(path) {
-            Ok(file) => Box::new(std::io::BufWriter::new(file)),
-            Err(error) => return usage_error(format!("cannot write {}: {error}", path.display())),
-        },
+    // To a file, the lines are kept until lmsd has answered whole: a wrong id or an lmsd that
+    // is down must not empty a results file already there.
+    let mut kept = Vec::new();
+    let mut sink: Box<dyn Write + '_> = match &output {
+        Some(_) => Box::new(&mut kept),
         None => Box::new(std::io::stdout().lock()),
     };
     let mut failed = None;
@@ -308,7 +308,12 @@ async fn results(socket: &Path, job_id: String, output: Option<PathBuf>) -> Exit
     })
     .await;
     let flushed = sink.flush();
-    match failed.or(flushed.err()) {
+    drop(sink);
+    let written = match (&output, &outcome) {
+        (Some(path), Ok(Outcome::BatchResults(_))) => std::fs::write(path, &kept).err(),
+        _ => None,
+    };
+    match failed.or(flushed.err()).or(written) {
         // A reader that stopped early (`| head`) has what it wanted.
         Some(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
         Some(error) => return usage_error(format!("cannot write the results: {error}")),

@@ -16,7 +16,8 @@ use crate::files::{Access, Content};
 use crate::tools::{failure, refused, LocalTools};
 
 /// The largest job file sent: it travels in one request line to lmsd (4 MiB with its JSON
-/// escaping). Larger jobs go through `lmsd-ctl batch submit` or the front door's Batch API.
+/// escaping; so does `lmsd-ctl batch submit`'s). Larger jobs go through the front door's Files
+/// and Batch APIs (64 MiB).
 const MAX_BATCH_FILE: u64 = 2 << 20;
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -21,6 +21,48 @@ async fn the_dashboard_follows_lmsd_live_in_a_browser_and_unloads_from_the_page(
         .unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("/dashboard.js"));
+    // Its actions take JSON from its own origin, and only the page's few.
+    let lmsd = format!("http://127.0.0.1:{port}/lmsd");
+    let client = reqwest::Client::new();
+    let unload_all = r#"{"v":1,"id":"x","type":"unload","all":true}"#;
+    let as_form = client
+        .post(&lmsd)
+        .bearer_auth("k-page")
+        .header("content-type", "text/plain")
+        .body(unload_all)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        as_form.status(),
+        401,
+        "a form-like post from anywhere is refused"
+    );
+    let elsewhere = client
+        .post(&lmsd)
+        .bearer_auth("k-page")
+        .header("content-type", "application/json")
+        .header("origin", "http://evil.example")
+        .body(unload_all)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 401);
+    let reload = client
+        .post(&lmsd)
+        .bearer_auth("k-page")
+        .header("content-type", "application/json")
+        .body(r#"{"v":1,"id":"x","type":"reload"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 400, "reload is lmsd-ctl's");
+    let keyless = client
+        .get(format!("http://127.0.0.1:{port}/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyless.status(), 401);
     let screenshot = lmsd_bin().with_file_name("dashboard.png");
     let dir = tempfile::tempdir().unwrap();
     let job = dir.path().join("tickets.jsonl");

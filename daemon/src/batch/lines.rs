@@ -146,9 +146,10 @@ fn openai(line: OpenAiLine) -> Result<(String, String, LineTask), String> {
             if line.body["stream"] == true {
                 return Err("a batch line cannot stream: leave \"stream\" out".into());
             }
-            let mut body = line.body;
-            crate::tasks::response_format_contract(&mut body).map_err(|e| e.message)?;
-            LineTask::ChatCompletion { body }
+            // Checked now, translated for the engine when the line runs.
+            crate::tasks::response_format_contract(&mut line.body.clone())
+                .map_err(|e| e.message)?;
+            LineTask::ChatCompletion { body: line.body }
         }
         "/v1/embeddings" => {
             if line.body.get("input").is_none() {
@@ -208,7 +209,8 @@ pub fn parse(text: &str, defaults: &BatchDefaults) -> Parsed {
                 Err(error),
             ),
         };
-        let task = match seen.get(&id) {
+        let first = seen.get(&id).copied();
+        let task = match first {
             Some(first) => Err(format!("id {id:?} is already on line {first}")),
             None => task,
         };
@@ -221,7 +223,7 @@ pub fn parse(text: &str, defaults: &BatchDefaults) -> Parsed {
         }
         // A repeated id is not stored twice: it is reported, and the file refused or the line
         // dropped with `skip_invalid` (results hold each id once).
-        if parsed.lines.iter().any(|l: &Line| l.id == id) {
+        if first.is_some() {
             continue;
         }
         parsed.lines.push(Line {

@@ -129,6 +129,15 @@ impl Batches {
         opened.as_ref().map_err(|why| unavailable(why))
     }
 
+    /// The store if there is one (opened now if need be), `None` if no job was ever stored:
+    /// reading the jobs does not create it.
+    fn existing(&self) -> Result<Option<&Store>, TaskError> {
+        if self.opened().is_none() && !self.path.as_ref().is_some_and(|p| p.exists()) {
+            return Ok(None);
+        }
+        self.store().map(Some)
+    }
+
     /// The store if it is open, without opening it.
     fn opened(&self) -> Option<&Store> {
         self.store.get().and_then(|s| s.as_ref().ok())
@@ -215,8 +224,10 @@ impl Batches {
 
     /// A job's progress.
     pub fn status(&self, id: &str) -> Result<BatchJob, TaskError> {
-        let row = self
-            .store()?
+        let Some(store) = self.existing()? else {
+            return Err(no_job(id));
+        };
+        let row = store
             .job(id)
             .map_err(store_error)?
             .ok_or_else(|| no_job(id))?;
@@ -225,7 +236,10 @@ impl Batches {
 
     /// Every job's progress, oldest first.
     pub fn list(&self) -> Result<Vec<BatchJob>, TaskError> {
-        let rows = self.store()?.jobs().map_err(store_error)?;
+        let Some(store) = self.existing()? else {
+            return Ok(Vec::new());
+        };
+        let rows = store.jobs().map_err(store_error)?;
         Ok(rows.into_iter().map(|row| self.report(row)).collect())
     }
 
@@ -312,11 +326,14 @@ impl Batches {
 
     /// Deletes a job and all it stored, cancelling it first.
     pub fn delete(&self, id: &str) -> Result<bool, TaskError> {
-        let store = self.store()?;
+        let Some(store) = self.existing()? else {
+            return Ok(false);
+        };
+        // Out of the store first: a fill in between must not find the job and start its lines.
+        let deleted = store.delete(id).map_err(store_error)?;
         if let Some(run) = self.runs().remove(id) {
             run.cancel.cancel();
         }
-        let deleted = store.delete(id).map_err(store_error)?;
         if deleted {
             tracing::info!(job = %id, "batch job deleted");
         }

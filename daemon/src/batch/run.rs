@@ -61,9 +61,9 @@ fn finish(ctx: &Context, job: &str, line: &Claimed, end: End) {
         Ok(store) => store,
         Err(_) => return,
     };
-    let mut runs = ctx.batches.runs();
-    let run = runs.get_mut(job);
-    let loads = run.as_ref().map_or(0, |r| r.loads);
+    // The runs' lock is not held across the write: other jobs' lines and the status readers
+    // need it, and a write can wait on a long read of the store.
+    let loads = ctx.batches.runs().get(job).map_or(0, |r| r.loads);
     let written = match &end {
         End::Done { result, tokens } => {
             store.finish(job, line.seq, Ok(&result.to_string()), *tokens, loads)
@@ -77,7 +77,8 @@ fn finish(ctx: &Context, job: &str, line: &Claimed, end: End) {
         ),
         End::Requeue => store.requeue(job, line.seq),
     };
-    let Some(run) = run else {
+    let mut runs = ctx.batches.runs();
+    let Some(run) = runs.get_mut(job) else {
         return;
     };
     if let Some(n) = run.in_flight.get_mut(&line.model) {

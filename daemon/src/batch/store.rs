@@ -130,7 +130,8 @@ pub struct FileRow {
     pub created: u64,
 }
 
-/// The one connection, behind a lock: every call is short.
+/// The one connection, behind a lock: calls are short but for whole-job reads (results, a
+/// job's counts), which take milliseconds per ten thousand lines.
 pub struct Store {
     db: Mutex<Connection>,
 }
@@ -184,8 +185,11 @@ impl Store {
         )
         .map_err(StoreError::of)?;
         db.execute_batch(SCHEMA).map_err(StoreError::of)?;
+        // Lines a crash left running run again — unless their job was cancelled meanwhile.
         db.execute(
-            "UPDATE lines SET state = 'pending' WHERE state = 'running'",
+            "UPDATE lines SET state = CASE WHEN (SELECT state FROM jobs WHERE id = lines.job) = 'running'
+                 THEN 'pending' ELSE 'cancelled' END
+             WHERE state = 'running'",
             [],
         )
         .map_err(StoreError::of)?;
@@ -330,11 +334,14 @@ impl Store {
         tx.commit().map_err(StoreError::of)
     }
 
-    /// A running line back to pending (lmsd is stopping, or the write of its end failed).
+    /// A running line back to pending (lmsd is stopping, or the write of its end failed), or
+    /// cancelled if its job was.
     pub fn requeue(&self, job: &str, seq: u64) -> Result<()> {
         self.db()
             .execute(
-                "UPDATE lines SET state = 'pending' WHERE job = ?1 AND seq = ?2 AND state = 'running'",
+                "UPDATE lines SET state = CASE WHEN (SELECT state FROM jobs WHERE id = ?1) = 'running'
+                     THEN 'pending' ELSE 'cancelled' END
+                 WHERE job = ?1 AND seq = ?2 AND state = 'running'",
                 params![job, seq],
             )
             .map(drop)
@@ -369,9 +376,16 @@ impl Store {
         tx.commit().map_err(StoreError::of)
     }
 
-    /// Deletes a job and its lines; false if there was none.
+    /// Deletes a job, its lines, and the upload it was made from (the job kept its own copy of
+    /// the lines; the upload holds the same prompts); false if there was none.
     pub fn delete(&self, job: &str) -> Result<bool> {
         let db = self.db();
+        db.execute(
+            "DELETE FROM files WHERE id IN
+                 (SELECT json_extract(openai, '$.input_file_id') FROM jobs WHERE id = ?1)",
+            [job],
+        )
+        .map_err(StoreError::of)?;
         let deleted = db
             .execute("DELETE FROM jobs WHERE id = ?1", [job])
             .map_err(StoreError::of)?;
@@ -382,11 +396,14 @@ impl Store {
     /// Deletes jobs that ended before `before` (unix seconds); how many.
     pub fn expire(&self, before: u64) -> Result<usize> {
         let db = self.db();
+        let ended = "state IN ('completed', 'cancelled') AND finished < ?1";
+        db.execute(
+            &format!("DELETE FROM files WHERE id IN (SELECT json_extract(openai, '$.input_file_id') FROM jobs WHERE {ended})"),
+            [before],
+        )
+        .map_err(StoreError::of)?;
         let deleted = db
-            .execute(
-                "DELETE FROM jobs WHERE state IN ('completed', 'cancelled') AND finished < ?1",
-                [before],
-            )
+            .execute(&format!("DELETE FROM jobs WHERE {ended}"), [before])
             .map_err(StoreError::of)?;
         if deleted > 0 {
             forget(&db)?;
@@ -553,6 +570,33 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn lines_of_a_cancelled_job_left_running_by_a_crash_end_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.sqlite");
+        let store = Store::open(&path).unwrap();
+        store
+            .insert_job("j", None, 1, None, &[line(1, "a", "m"), line(2, "b", "m")])
+            .unwrap();
+        store.claim("j", Some("m"), 1).unwrap();
+        store.end("j", "cancelled", 5).unwrap();
+        store.requeue("j", 1).unwrap();
+        let mut states = Vec::new();
+        store.each_line("j", |l| states.push(l.state)).unwrap();
+        assert_eq!(states, ["cancelled", "cancelled"], "not pending again");
+        // The same when lmsd died with the line running.
+        store
+            .insert_job("k", None, 1, None, &[line(1, "a", "m")])
+            .unwrap();
+        store.claim("k", None, 1).unwrap();
+        store.end("k", "cancelled", 5).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let mut states = Vec::new();
+        store.each_line("k", |l| states.push(l.state)).unwrap();
+        assert_eq!(states, ["cancelled"]);
     }
 
     #[test]

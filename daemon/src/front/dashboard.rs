@@ -26,8 +26,10 @@ pub(super) async fn page() -> Response {
             // Its own script and styles only: nothing from elsewhere runs in it.
             (
                 "content-security-policy",
-                "default-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:",
+                "default-src 'self'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
             ),
+            // Not inside another site's frame, where its clicks would be someone else's.
+            ("x-frame-options", "DENY"),
         ],
         PAGE,
     )
@@ -57,13 +59,43 @@ fn allowed(request: &Request) -> bool {
     )
 }
 
+/// Whether a request comes from this page, not from another site the browser is on: another
+/// site's script can send a form-like POST to a loopback port without a key (a browser lets it,
+/// unseen), or reach it under a name of its own (DNS rebinding). So `/lmsd` takes JSON only
+/// (which a page elsewhere cannot send without asking first), from a page of this origin, to a
+/// loopback name when no key guards the door.
+fn same_site(front: &Front, headers: &HeaderMap) -> Result<(), WireError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let refuse = |why: &str| {
+        Err(WireError::new(
+            lmsd_proto::ErrorCode::PermissionDenied,
+            format!("the dashboard's requests come from its own page: {why}"),
+        ))
+    };
+    if !header("content-type").is_some_and(|t| t.starts_with("application/json")) {
+        return refuse("send JSON (content-type: application/json)");
+    }
+    let host = header("host").unwrap_or_default();
+    if let Some(origin) = header("origin") {
+        let from = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+        if from != host {
+            return refuse("from another origin");
+        }
+    }
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    if front.keys.is_empty() && !["127.0.0.1", "localhost", "[::1]"].contains(&name) {
+        return refuse("to a loopback name (127.0.0.1, localhost), or set [http] api_keys");
+    }
+    Ok(())
+}
+
 /// One socket request line, answered with its terminal reply line, by the socket's own code.
 pub(super) async fn request(
     State(front): State<Front>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(wire) = authorize(&front, &headers) {
+    if let Err(wire) = authorize(&front, &headers).and_then(|()| same_site(&front, &headers)) {
         return Dialect::OpenAi.error(wire);
     }
     let envelope = match parse_request(&body) {

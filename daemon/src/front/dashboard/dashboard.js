@@ -39,7 +39,8 @@ async function ask(type, fields = {}) {
     throw new Error("unauthorized");
   }
   const reply = await response.json();
-  if (reply.type === "error") throw new Error(reply.error.message);
+  // A refusal comes as the socket's error line, or in OpenAI's shape before it got that far.
+  if (reply.type === "error" || !response.ok) throw new Error((reply.error || {}).message || "refused");
   return reply;
 }
 
