@@ -1,7 +1,8 @@
 //! OpenAI's Files and Batch APIs over lmsd's batch jobs, so scripts written for them run
 //! locally by changing `base_url`: upload a JSONL file (`purpose: batch`), create a batch
 //! from it, poll it, download its output and error files in OpenAI's shapes, cancel it. The
-//! uploads and the job live in lmsd's batch store, on this machine, deleted with the job.
+//! uploads and the job live in lmsd's batch store, on this machine; an upload goes with the
+//! job made from it.
 
 use axum::body::Bytes;
 use axum::extract::{Multipart, Path, State};
