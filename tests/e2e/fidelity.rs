@@ -410,22 +410,30 @@ async fn just_in_time_loads_behind_lmsds_back_are_adopted_and_their_duplicates_u
     // lmsd learns of the vanished instance only from the chats' replies.
     let daemon = TestDaemon::start_with(&sim.url(), "poll_interval = \"1h\"\n", &[]).await;
     daemon.ctl_json(&["load", GRANITE]).await;
-    assert!(sim.drop_instance(GRANITE));
-
     let lines: Vec<String> = (0..4)
         .map(|n| chat_line(&format!("c{n}"), GRANITE, serde_json::json!({})))
         .collect();
-    let replies = converse(&daemon.socket, &lines, 4).await;
-    assert_eq!(
-        replies.iter().filter(|r| r["type"] == "result").count(),
-        4,
-        "{replies:?}"
-    );
-    assert!(
-        sim.stats().jit_loads >= 2,
-        "the simulator raced: {:?}",
-        sim.stats()
-    );
+    // The race needs the chats to reach the engine while the first just-in-time load runs; on
+    // a loaded machine they may come one after another, so the scene is played again (a few
+    // times at most) until the engine raced.
+    for attempt in 1.. {
+        for instance in sim.loaded_instances() {
+            assert!(sim.drop_instance(&instance));
+        }
+        let before = sim.stats().jit_loads;
+        let replies = converse(&daemon.socket, &lines, 4).await;
+        assert_eq!(
+            replies.iter().filter(|r| r["type"] == "result").count(),
+            4,
+            "{replies:?}"
+        );
+        if sim.stats().jit_loads - before >= 2 {
+            break;
+        }
+        assert!(attempt < 5, "the simulator never raced: {:?}", sim.stats());
+        // Let lmsd settle on the instance the lone just-in-time load made before the next try.
+        eventually("one instance left", || sim.loaded_instances().len() == 1).await;
+    }
     eventually("one instance left", || {
         sim.loaded_instances() == [GRANITE.to_owned()]
     })
