@@ -33,6 +33,7 @@ ids = [f"req-{n}" for n in range(6)]
 uploaded = client.files.create(file=("tickets.jsonl", jsonl(ids)), purpose="batch")
 assert uploaded.purpose == "batch" and uploaded.bytes > 0, uploaded
 assert client.files.retrieve(uploaded.id).id == uploaded.id
+assert uploaded.id in [f.id for f in client.files.list()]
 
 batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
 assert batch.status in ("validating", "in_progress", "completed"), batch

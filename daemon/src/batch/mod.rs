@@ -348,6 +348,13 @@ impl Batches {
         self.store()?.file(id).map_err(store_error)
     }
 
+    pub fn files(&self) -> Result<Vec<FileRow>, TaskError> {
+        match self.existing()? {
+            Some(store) => store.files().map_err(store_error),
+            None => Ok(Vec::new()),
+        }
+    }
+
     pub fn file_content(&self, id: &str) -> Result<Option<Vec<u8>>, TaskError> {
         self.store()?.file_content(id).map_err(store_error)
     }

@@ -507,6 +507,29 @@ impl Store {
             .map_err(StoreError::of)
     }
 
+    /// Every upload, newest first.
+    pub fn files(&self) -> Result<Vec<FileRow>> {
+        let db = self.db();
+        let mut query = db
+            .prepare(
+                "SELECT id, purpose, filename, bytes, created FROM files ORDER BY created DESC, id",
+            )
+            .map_err(StoreError::of)?;
+        let rows = query
+            .query_map([], |row| {
+                Ok(FileRow {
+                    id: row.get(0)?,
+                    purpose: row.get(1)?,
+                    filename: row.get(2)?,
+                    bytes: row.get(3)?,
+                    created: row.get(4)?,
+                })
+            })
+            .map_err(StoreError::of)?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(StoreError::of)
+    }
+
     pub fn file_content(&self, id: &str) -> Result<Option<Vec<u8>>> {
         self.db()
             .query_row("SELECT content FROM files WHERE id = ?1", [id], |row| {

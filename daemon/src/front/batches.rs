@@ -99,6 +99,19 @@ pub(super) async fn upload(
     }
 }
 
+pub(super) async fn files(State(front): State<Front>, headers: HeaderMap) -> Response {
+    if let Err(wire) = authorize(&front, &headers) {
+        return DIALECT.error(wire);
+    }
+    match front.ctx.batches.files() {
+        Ok(rows) => {
+            let data: Vec<Value> = rows.iter().map(file_object).collect();
+            Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
+        }
+        Err(e) => DIALECT.error(e.to_wire()),
+    }
+}
+
 pub(super) async fn file(
     State(front): State<Front>,
     headers: HeaderMap,

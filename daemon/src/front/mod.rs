@@ -64,7 +64,7 @@ pub async fn serve(
         .route("/v1/responses/{id}", get(responses::get))
         .route("/v1/messages", post(messages::create))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
-        .route("/v1/files", post(batches::upload))
+        .route("/v1/files", post(batches::upload).get(batches::files))
         .route(
             "/v1/files/{id}",
             get(batches::file).delete(batches::delete_file),
