@@ -149,9 +149,16 @@ for event in client.responses.create(model=model, input="stream please", stream=
     if event.type == "response.completed":
         completed = event.response
 assert events[0] == "response.created" and events[-1] == "response.completed" and streamed, events
-# A streamed response is kept too, and continues like any other.
+# A streamed response is kept too, and continues like any other; a streamed continuation's
+# events name the response it continues.
 after = client.responses.create(model=model, input="and then?", previous_response_id=completed.id, max_output_tokens=8)
 assert after.output_text, after
+continued = [
+    event.response
+    for event in client.responses.create(model=model, input="more", previous_response_id=after.id, stream=True, max_output_tokens=8)
+    if event.type == "response.completed"
+]
+assert continued and continued[0].previous_response_id == after.id, continued
 expect(openai.NotFoundError, lambda: client.responses.create(model=model, input="x", previous_response_id="resp_gone"), "resp_gone")
 expect(openai.BadRequestError, lambda: client.responses.create(model=model, input="x", background=True), "background")
 if simulated:

@@ -40,31 +40,35 @@ pub(super) async fn whole(
 }
 
 /// Which format a stream is in: what of the engine's events its client hears, and how it ends.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) enum Shape {
     /// OpenAI chat chunks; lmsd always asks for the usage chunk (the ledger counts it), and
     /// passes it on only to a client that asked too.
     Chat {
         include_usage: bool,
     },
-    Responses,
+    /// The response a stream continues, which the engine did not see (lmsd sent it the
+    /// conversation whole) and its events are to name.
+    Responses {
+        continues: Option<String>,
+    },
     Messages,
 }
 
 impl Shape {
-    fn dialect(self) -> Dialect {
+    fn dialect(&self) -> Dialect {
         match self {
-            Shape::Chat { .. } | Shape::Responses => Dialect::OpenAi,
+            Shape::Chat { .. } | Shape::Responses { .. } => Dialect::OpenAi,
             Shape::Messages => Dialect::Anthropic,
         }
     }
 
     /// The last event of a stream in this format: once the client has it, it has the whole
     /// answer, and may hang up without cancelling what follows (the response kept, the ledger).
-    fn ends(self, frame: &Frame) -> bool {
+    fn ends(&self, frame: &Frame) -> bool {
         match self {
             Shape::Chat { .. } => false,
-            Shape::Responses => matches!(
+            Shape::Responses { .. } => matches!(
                 frame.event.as_deref(),
                 Some("response.completed" | "response.incomplete" | "response.failed")
             ),
@@ -72,7 +76,7 @@ impl Shape {
         }
     }
 
-    fn keeps(self, frame: &Frame) -> bool {
+    fn keeps(&self, frame: &Frame) -> bool {
         match self {
             Shape::Chat {
                 include_usage: false,
@@ -88,22 +92,43 @@ impl Shape {
         }
     }
 
+    /// A frame as the client is to hear it: a Responses event's response names the one it
+    /// continues.
+    fn edited(&self, mut frame: Frame) -> Frame {
+        let Shape::Responses {
+            continues: Some(previous),
+        } = self
+        else {
+            return frame;
+        };
+        if !frame.data.contains("\"response\"") {
+            return frame;
+        }
+        if let Ok(mut data) = serde_json::from_str::<Value>(&frame.data) {
+            if let Some(response) = data.get_mut("response").and_then(Value::as_object_mut) {
+                response.insert("previous_response_id".into(), json!(previous));
+                frame.data = data.to_string();
+            }
+        }
+        frame
+    }
+
     /// What follows the last event of a stream that ended well.
-    fn trailer(self) -> &'static str {
+    fn trailer(&self) -> &'static str {
         match self {
             Shape::Chat { .. } => "data: [DONE]\n\n",
-            Shape::Responses | Shape::Messages => "",
+            Shape::Responses { .. } | Shape::Messages => "",
         }
     }
 
     /// The format's own error event, for a stream that broke after it began.
-    fn error_event(self, wire: &WireError) -> String {
+    fn error_event(&self, wire: &WireError) -> String {
         let frame = match self {
             Shape::Chat { .. } => Frame {
                 event: None,
                 data: self.dialect().error_body(wire, None).to_string(),
             },
-            Shape::Responses => Frame {
+            Shape::Responses { .. } => Frame {
                 event: Some("error".into()),
                 data: json!({"type": "error", "code": wire.code, "message": wire.message, "param": null})
                     .to_string(),
@@ -200,7 +225,7 @@ impl Tail {
                             guard.disarm();
                         }
                     }
-                    return Some(frame.to_sse());
+                    return Some(self.shape.edited(frame).to_sse());
                 }
                 Some(_) => continue,
                 // Every event is out: the task's end decides how the stream ends.

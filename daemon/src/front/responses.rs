@@ -230,7 +230,10 @@ pub(super) async fn create(
     };
     if stream {
         let history = front.responses.clone();
-        return relay::stream(&front, Shape::Responses, request, move |outcome| {
+        let shape = Shape::Responses {
+            continues: parent.clone(),
+        };
+        return relay::stream(&front, shape, request, move |outcome| {
             if store {
                 history.keep(parent, new_items, &outcome.reply);
             }
