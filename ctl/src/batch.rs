@@ -203,13 +203,7 @@ fn print_job_submitted(job: &BatchJob, json: bool) {
 
 /// One line for people: state, counts, pace.
 pub fn describe(job: &BatchJob) -> String {
-    let state = match job.state {
-        BatchState::Running => "running",
-        BatchState::Paused => "paused",
-        BatchState::Completed => "completed",
-        BatchState::Cancelled => "cancelled",
-        BatchState::Unknown => "?",
-    };
+    let state = job.state.name();
     let name = job
         .name
         .as_deref()

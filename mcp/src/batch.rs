@@ -44,13 +44,7 @@ pub struct BatchStatusParams {
 }
 
 fn summary(job: &BatchJob) -> String {
-    let state = match job.state {
-        BatchState::Running => "running",
-        BatchState::Paused => "paused",
-        BatchState::Completed => "completed",
-        BatchState::Cancelled => "cancelled",
-        BatchState::Unknown => "unknown",
-    };
+    let state = job.state.name();
     let mut line = format!(
         "{} {state}: {}/{} done, {} failed",
         job.job_id, job.done, job.total, job.failed

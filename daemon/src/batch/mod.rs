@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use store::{FileRow, StoreError};
+pub use store::{FileRow, LineRow, StoreError};
 use store::{NewLine, Store};
 
 use crate::tasks::{Context, TaskError};

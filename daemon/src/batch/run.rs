@@ -203,11 +203,7 @@ fn model_of(ctx: &Context, body: &Value) -> String {
 /// A stored line as `batch results` gives it: `id`, then `result` and `usage`, or `error`,
 /// or `state` for a line not yet ended.
 pub(super) fn result_line(line: &LineRow) -> Value {
-    let parse = |text: &Option<String>| {
-        text.as_deref()
-            .and_then(|t| serde_json::from_str::<Value>(t).ok())
-            .unwrap_or(Value::Null)
-    };
+    let parse = LineRow::json;
     match line.state.as_str() {
         "done" => json!({"id": line.custom_id, "result": parse(&line.result),
             "usage": {"input_tokens": line.input_tokens, "output_tokens": line.output_tokens}}),

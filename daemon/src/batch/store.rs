@@ -120,6 +120,15 @@ pub struct LineRow {
     pub output_tokens: u64,
 }
 
+impl LineRow {
+    /// A stored result or error as JSON (`null` when there is none).
+    pub fn json(text: &Option<String>) -> serde_json::Value {
+        text.as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
 /// A stored upload (OpenAI's Files API).
 #[derive(Debug, Clone)]
 pub struct FileRow {
@@ -140,6 +149,17 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
     }
+}
+
+/// A `files` row of `id, purpose, filename, bytes, created`.
+fn file_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRow> {
+    Ok(FileRow {
+        id: row.get(0)?,
+        purpose: row.get(1)?,
+        filename: row.get(2)?,
+        bytes: row.get(3)?,
+        created: row.get(4)?,
+    })
 }
 
 /// Makes deleted data unreadable: `secure_delete` zeroed its pages in the database, and the
@@ -493,15 +513,7 @@ impl Store {
             .query_row(
                 "SELECT id, purpose, filename, bytes, created FROM files WHERE id = ?1",
                 [id],
-                |row| {
-                    Ok(FileRow {
-                        id: row.get(0)?,
-                        purpose: row.get(1)?,
-                        filename: row.get(2)?,
-                        bytes: row.get(3)?,
-                        created: row.get(4)?,
-                    })
-                },
+                file_row,
             )
             .optional()
             .map_err(StoreError::of)
@@ -515,17 +527,7 @@ impl Store {
                 "SELECT id, purpose, filename, bytes, created FROM files ORDER BY created DESC, id",
             )
             .map_err(StoreError::of)?;
-        let rows = query
-            .query_map([], |row| {
-                Ok(FileRow {
-                    id: row.get(0)?,
-                    purpose: row.get(1)?,
-                    filename: row.get(2)?,
-                    bytes: row.get(3)?,
-                    created: row.get(4)?,
-                })
-            })
-            .map_err(StoreError::of)?;
+        let rows = query.query_map([], file_row).map_err(StoreError::of)?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(StoreError::of)
     }

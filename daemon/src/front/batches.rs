@@ -13,7 +13,7 @@ use lmsd_proto::{BatchJob, BatchState, BatchSubmitRequest, ErrorCode, WireError}
 use serde_json::{json, Value};
 
 use super::{authorize, parse_object, status_of, unix_now, Dialect, Front};
-use crate::batch::FileRow;
+use crate::batch::{FileRow, LineRow};
 
 const DIALECT: Dialect = Dialect::OpenAi;
 /// The endpoints a batch may run.
@@ -180,9 +180,7 @@ fn made_file(front: &Front, id: &str) -> Option<(BatchJob, String)> {
         .ctx
         .batches
         .each_line(job_id, |line| {
-            let parse = |t: &Option<String>| {
-                t.as_deref().and_then(|t| serde_json::from_str::<Value>(t).ok()).unwrap_or(Value::Null)
-            };
+            let parse = LineRow::json;
             let entry = match (line.state.as_str(), errors) {
                 ("done", false) => json!({"id": format!("batch_req_{}", line.seq), "custom_id": line.custom_id,
                     "response": {"status_code": 200, "request_id": format!("{job_id}-{}", line.seq), "body": parse(&line.result)},

@@ -76,6 +76,19 @@ pub enum BatchState {
     Unknown,
 }
 
+impl BatchState {
+    /// The state's name, as the wire spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BatchState::Running => "running",
+            BatchState::Paused => "paused",
+            BatchState::Completed => "completed",
+            BatchState::Cancelled => "cancelled",
+            BatchState::Unknown => "unknown",
+        }
+    }
+}
+
 /// A job and its progress.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BatchJob {
